@@ -1,0 +1,96 @@
+"""Train a model with DP-SGD on a real data set and track ε, σ and MI (W&B offline by default + JSONL).
+
+Writes into ``--out`` (default ``runs/<UTC timestamp>``): ``history.jsonl`` (one record per optimizer step),
+``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` and the W&B run under ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``adaptive-dp train`` to ``parser``."""
+    from adaptive_dp.training import TrainConfig  # stdlib-only at import time: --help stays fast
+
+    d = vars(TrainConfig())
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--dataset", default=d["dataset"],
+                      help="digits (embedded), mnist, fashion-mnist or cifar10 (default: %(default)s)")
+    data.add_argument("--data-dir", default=None,
+                      help="data root holding mnist/, fashion-mnist/, cifar10-jpeg/ ... (default: $ADAPTIVE_DP_DATA)")
+    data.add_argument("--model", default=d["model"],
+                      help="small-cnn, tanh-cnn, resnet20 or lenet (default: %(default)s)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=d["batch_size"],
+                     help="expected Poisson batch size; sample rate = batch size / training-set size "
+                          "(default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: %(default)s)")
+    opt.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"],
+                     help="optimizer wrapped by DP-SGD (default: %(default)s)")
+    opt.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=d["seed"],
+                     help="seeds initialisation, Poisson sampling and noise (default: %(default)s)")
+    opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d["device"],
+                     help="auto = CUDA when torch sees a GPU (default: %(default)s)")
+    opt.add_argument("--test-batch-size", type=int, default=d["test_batch_size"], help=argparse.SUPPRESS)
+    opt.add_argument("--num-workers", type=int, default=d["num_workers"],
+                     help="DataLoader worker processes (default: %(default)s)")
+
+    privacy = parser.add_argument_group("privacy")
+    privacy.add_argument("--noise-multiplier", type=float, default=d["noise_multiplier"],
+                         help="σ: noise std / max grad norm; ignored with --target-epsilon (default: %(default)s)")
+    privacy.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
+                         help="per-sample gradient clipping norm C (default: %(default)s)")
+    privacy.add_argument("--target-epsilon", type=float, default=None,
+                         help="choose σ so that the run spends this ε at --delta")
+    privacy.add_argument("--delta", type=float, default=d["delta"], help="δ of every ε (default: %(default)s)")
+    privacy.add_argument("--target-mi", type=float, default=None,
+                         help="MI ceiling in nats for the noise controller (needs the adaptive engine)")
+    privacy.add_argument("--controller", default=None,
+                         help="noise controller, e.g. pid (needs the adaptive engine)")
+
+    track = parser.add_argument_group("tracking and outputs")
+    track.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default=None,
+                       help="W&B mode (default: $WANDB_MODE, else online when an API key is configured, "
+                            "else offline)")
+    track.add_argument("--wandb-project", default=d["wandb_project"], help="W&B project (default: %(default)s)")
+    track.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
+    track.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`adaptive_dp.training.TrainConfig` for parsed command-line ``args``."""
+    import dataclasses
+
+    from adaptive_dp.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; print where the results went. Returns 0, or 2 with one error line for bad input."""
+    from adaptive_dp.training import train
+
+    try:
+        config = config_from_args(args)
+        summary = train(config, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
+        return 2
+    outputs = summary["outputs"]
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}, ε = {summary['epsilon']:.3f} at δ = {summary['delta']:g} "
+        f"(σ = {summary['noise_multiplier']:.3f}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)"
+    )
+    print(f"results in {outputs['dir']}/")
+    for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
+        if outputs.get(key):
+            print(f"  {key:<10} {outputs[key]}")
+    if summary["wandb"]["mode"] == "offline" and outputs.get("wandb"):
+        print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+    return 0

@@ -1,0 +1,706 @@
+"""The leakage monitor: one audit batch + the current σ → an MI reading (nats), training step untouched.
+
+A reading simulates what one DP-SGD step would release about each audit example: its per-sample
+gradient, clipped to C (``max_grad_norm``) as the optimizer clips, plus the Gaussian noise N(0, σ²C²) the
+optimizer adds — the worst case of a batch of one — and estimates the mutual information between *which*
+audit example it was and that noisy gradient. Two estimators, by name (``ESTIMATORS``):
+
+- ``"likelihood-ratio"`` — model-aware and training-free: the optimal critic for the Gaussian mechanism,
+  T(x_j, g̃_i) = −‖g̃_i − g_j‖²/(2σ²C²), over all N×N audit pairs with InfoNCE
+  (:func:`adaptive_dp.mine.likelihood_ratio_mi`); capped at log N.
+- ``"token-mine"`` — the learned privacy-token estimator (Meng et al. 2025, arXiv 2502.02913) made
+  model-aware: a critic compares the privacy token of the noisy gradient with the token of each
+  candidate's own clean gradient (a learned, noise-normalised distance) beside the candidate's
+  intermediate-layer data features (:class:`adaptive_dp.features.FeatureExtractor`); InfoNCE-trained,
+  warm-started across readings from a small replay buffer of recent audit draws, and reported on a fresh
+  noise draw it never trained on (held-out pairs).
+
+Soundness and side effects (DESIGN.md, "Opacus pitfalls"): per-sample gradients are computed with
+``torch.func`` (``vmap(grad(·))`` over ``functional_call``) on a hook-free copy of the wrapped module fed
+the live parameters, so nothing is written to ``p.grad_sample``/``p.grad``/``p.summed_grad`` of the
+training model, opacus' hooks never fire, and all randomness comes from the monitor's own
+``torch.Generator`` on the model's device — the training step is the same with the monitor on or off.
+The audit examples must be public or held out (never trained on).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from adaptive_dp.features import FeatureExtractor
+from adaptive_dp.mine import MIEstimate, likelihood_ratio_mi
+from adaptive_dp.tokens import TOKEN_ENCODERS, TokenEncoder, build_token_encoder
+
+__all__ = [
+    "ESTIMATORS",
+    "LeakageMonitor",
+    "LeakageReading",
+    "LikelihoodRatioEstimator",
+    "MonitorError",
+    "TokenCritic",
+    "TokenMINEEstimator",
+    "TokenNoiseModel",
+    "clip_per_sample",
+    "per_sample_gradients",
+]
+
+
+class MonitorError(RuntimeError):
+    """A leakage reading could not be taken (ghost clipping, non-finite gradients, ...).
+
+    The engine treats it as a failed reading (fail closed: σ_max).
+    """
+
+
+@dataclass(frozen=True)
+class LeakageReading:
+    """One monitor reading.
+
+    Attributes:
+        estimator: the estimator's name (``"likelihood-ratio"`` or ``"token-mine"``).
+        mi: estimated MI between the audit example and its released noisy gradient, nats.
+        mi_gap: mean critic score on matched minus mismatched (shuffled) pairs.
+        stderr: standard error of ``mi`` over the noise draw, nats.
+        n: number of audit examples (matched pairs) in the estimate.
+        seconds: wall time of the reading.
+        cap: the largest value the estimator can report (log n), nats.
+        noise_multiplier: the σ the reading was taken at.
+    """
+
+    estimator: str
+    mi: float
+    mi_gap: float
+    stderr: float
+    n: int
+    seconds: float
+    cap: float | None = None
+    noise_multiplier: float | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sample gradients on a hook-free copy
+# --------------------------------------------------------------------------------------------------
+
+_OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "ft_compute_sample_grad")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a GradSampleModule; refuses ghost clipping."""
+    kind = type(model).__name__
+    if "FastGradientClipping" in kind:
+        raise MonitorError(
+            f"{kind} (ghost clipping) never materialises per-sample gradients, so leakage cannot be measured; "
+            "call make_private(..., grad_sample_mode='hooks') (the default) to use the leakage monitor"
+        )
+    inner = getattr(model, "_module", None)
+    if isinstance(inner, nn.Module) and hasattr(model, "hooks_enabled"):
+        return inner
+    return model
+
+
+def hook_free_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every hook and opacus attribute removed, in eval mode, frozen.
+
+    The hook dicts are emptied on the original only for the duration of the copy (so opacus' hooks, bound
+    to the GradSampleModule, are not copied), then restored.
+    """
+    saved = []
+    for m in module.modules():
+        stash = {k: v for k, v in vars(m).items()
+                 if (k.endswith("hooks") and isinstance(v, dict)) or k in _OPACUS_MODULE_ATTRS}
+        saved.append((m, stash))
+        for k, v in stash.items():
+            if isinstance(v, dict):
+                setattr(m, k, type(v)())
+            else:
+                delattr(m, k)
+    try:
+        shadow = copy.deepcopy(module)
+    finally:
+        for m, stash in saved:
+            for k, v in stash.items():
+                setattr(m, k, v)
+    for p in shadow.parameters():
+        p.requires_grad_(False)
+    return shadow.eval()
+
+
+def per_sample_gradients(
+    shadow: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch_size: int = 64,
+) -> list[Tensor]:
+    """Per-sample gradients of the per-example loss, one tensor [N, *p.shape] per parameter.
+
+    ``vmap(grad(ℓ))`` over ``functional_call(shadow, (params, buffers), x_i[None])`` — each example is its
+    own batch of one, so the gradient is ∇θ ℓ(f(x_i), y_i) whatever ``loss_reduction`` the optimizer
+    uses (opacus rescales ``grad_sample`` to this for "mean").
+
+    Args:
+        shadow: a hook-free module (:func:`hook_free_copy`).
+        params: name → parameter tensor (the live, detached parameters to differentiate).
+        buffers: name → buffer tensor.
+        x: [N, ...] inputs; y: [N] targets, on the parameters' device.
+        loss_fn: ``loss_fn(logits [1, K], target [1]) -> scalar`` (e.g. ``F.cross_entropy``).
+        batch_size: examples per vmap call (bounds memory).
+
+    Returns:
+        List over ``params`` (insertion order) of [N, *shape] tensors.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(shadow, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="error")
+    chunks: list[dict[str, Tensor]] = []
+    for start in range(0, x.shape[0], batch_size):
+        with torch.enable_grad():
+            chunks.append(per_example(params, x[start:start + batch_size], y[start:start + batch_size]))
+    return [torch.cat([c[name] for c in chunks]) for name in params]
+
+
+def clip_per_sample(grads: Sequence[Tensor], max_grad_norm: float | Sequence[float], *, per_layer: bool = False
+                    ) -> list[Tensor]:
+    """Clip per-sample gradients as opacus' DPOptimizer does.
+
+    Flat: g_i ← g_i · min(1, C / (‖g_i‖ + 1e-6)) with ‖g_i‖ over all layers. Per layer: each layer l is
+    clipped to its own C_l (``max_grad_norm`` a list, or C/√L each when a float).
+
+    Args:
+        grads: per-layer [N, *shape] tensors.
+        max_grad_norm: C (flat) or per-layer C_l.
+        per_layer: per-layer clipping (opacus ``clipping="per_layer"``).
+
+    Returns:
+        Clipped per-layer tensors.
+
+    Source: Abadi et al. 2016, "Deep Learning with Differential Privacy", Alg. 1; opacus ``DPOptimizer``.
+    """
+    n = grads[0].shape[0]
+    if per_layer:
+        norms = _per_layer_norms(max_grad_norm, len(grads))
+        out = []
+        for g, c in zip(grads, norms):
+            factor = (c / (g.reshape(n, -1).norm(dim=1) + 1e-6)).clamp(max=1.0)
+            out.append(g * factor.view(-1, *([1] * (g.dim() - 1))))
+        return out
+    total = torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+    factor = (float(max_grad_norm) / (total + 1e-6)).clamp(max=1.0)
+    return [g * factor.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+
+
+def _per_layer_norms(max_grad_norm: float | Sequence[float], layers: int) -> list[float]:
+    if isinstance(max_grad_norm, (int, float)):
+        return [float(max_grad_norm) / math.sqrt(layers)] * layers
+    norms = [float(c) for c in max_grad_norm]
+    if len(norms) != layers:
+        raise ValueError(f"max_grad_norm has {len(norms)} per-layer norms for {layers} trainable parameters")
+    return norms
+
+
+def _total_norm(max_grad_norm: float | Sequence[float]) -> float:
+    """C of the whole clipped gradient: C itself, or ‖(C_l)‖ for per-layer clipping (opacus' convention)."""
+    if isinstance(max_grad_norm, (int, float)):
+        c = float(max_grad_norm)
+    else:
+        c = math.sqrt(sum(float(v) ** 2 for v in max_grad_norm))
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"max_grad_norm must be positive and finite, got {max_grad_norm!r}")
+    return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimators
+# --------------------------------------------------------------------------------------------------
+
+
+def _flat(grads: Sequence[Tensor]) -> Tensor:
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+
+class LikelihoodRatioEstimator:
+    """The closed-form Gaussian-mechanism critic over all N×N audit pairs (no training, no state).
+
+    Source: :func:`adaptive_dp.mine.likelihood_ratio_mi` (InfoNCE with the log-likelihood-ratio critic).
+    """
+
+    name = "likelihood-ratio"
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def estimate(self, draw: Callable[[], list[Tensor]], clean: list[Tensor], features: Tensor, *,
+                 noise_multiplier: float, max_grad_norm: float) -> MIEstimate:
+        """MI of one noise draw; ``draw()`` returns fresh noisy per-layer gradients.
+
+        Raises:
+            ValueError: if ``noise_multiplier`` ≤ 0 (the critic divides by σ²C²) or N < 2.
+        """
+        if not noise_multiplier > 0:
+            raise ValueError(
+                f"the likelihood-ratio critic needs noise_multiplier > 0 (it divides by σ²C²), got "
+                f"{noise_multiplier}; use estimator='token-mine' to read at σ = 0"
+            )
+        return likelihood_ratio_mi(_flat(draw()), _flat(clean), noise_std=noise_multiplier * max_grad_norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class TokenNoiseModel:
+    """Gaussian model of the token noise u − v (noisy token minus the same example's clean token).
+
+    Given the covariance when it is known (the projection encoder: σ² times the projected noise
+    covariance), else fitted on fresh noise draws of the audit pairs: shift μ = E[u − v], whitening W = L⁻¹ with
+    LLᵀ = Cov[u − v] + shrinkage. Under it, −½‖W(u_i − μ − v_j)‖² is the Gaussian log-likelihood ratio
+    critic in token space (exact for the projection encoder, whose token noise is Gaussian).
+    """
+
+    def __init__(self, deltas: Tensor | None = None, *, covariance: Tensor | None = None,
+                 shrinkage: float = 1e-3) -> None:
+        if covariance is not None:  # known exactly (a linear encoder): zero shift
+            cov = covariance.double()
+            self.shift = cov.new_zeros(cov.shape[0])
+        else:
+            deltas = deltas.double()
+            self.shift = deltas.mean(0)
+            centred = deltas - self.shift
+            cov = centred.T @ centred / max(1, deltas.shape[0] - 1)
+        ridge = shrinkage * float(cov.diagonal().mean().clamp_min(1e-30))
+        chol = torch.linalg.cholesky(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        self.whiten = torch.linalg.solve_triangular(chol, eye, upper=False).float()
+        self.shift = self.shift.float()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"shift": self.shift.cpu(), "whiten": self.whiten.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], device: torch.device) -> TokenNoiseModel:
+        obj = cls.__new__(cls)
+        obj.shift = state["shift"].to(device)
+        obj.whiten = state["whiten"].to(device)
+        return obj
+
+
+class TokenCritic(nn.Module):
+    """Critic of the token estimator: T(g̃_i, x_j) from tokens u_i = E(g̃_i), v_j = E(g_j), features f_j.
+
+    T_ij = −½ Σ_k softplus(w_k)·(W(u_i − μ − v_j))_k²  +  (A ū_i)ᵀ h(f_j)
+
+    where (μ, W) is the :class:`TokenNoiseModel` of the current σ (so the distance term starts as the
+    Gaussian likelihood-ratio critic in token space, whatever σ is), softplus(w_k) learns how much each
+    whitened coordinate is trusted, ū are the tokens standardised over the batch, and the bilinear term
+    (A, MLP h; zero at start) lets the candidate's data features speak — the privacy-token critic of
+    Meng et al. 2025 on top of the model-aware distance.
+    """
+
+    def __init__(self, *, token_dim: int, feature_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.full((token_dim,), math.log(math.e - 1.0)))  # softplus = 1
+        self.feature_net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.token_map = nn.Linear(token_dim, hidden, bias=False)
+        nn.init.zeros_(self.token_map.weight)
+
+    def forward(self, u: Tensor, v: Tensor, f: Tensor, noise: TokenNoiseModel) -> Tensor:
+        """[N, N] scores: rows are noisy tokens u [N, d], columns candidates (v [N, d], f [N, F])."""
+        w = F.softplus(self.log_weight).sqrt()
+        su = ((u - noise.shift) @ noise.whiten.T) * w
+        sv = (v @ noise.whiten.T) * w
+        sq = (su * su).sum(1, keepdim=True) + (sv * sv).sum(1).unsqueeze(0) - 2.0 * su @ sv.T
+        u_std = (u - u.mean(0)) / u.std(0).clamp_min(1e-12)  # O(1) input to the bilinear term at any σ
+        return -0.5 * sq.clamp_min(0.0) + self.token_map(u_std) @ self.feature_net(f).T
+
+
+def _infonce_terms(scores: Tensor) -> Tensor:
+    n = scores.shape[0]
+    return scores.diagonal() - torch.logsumexp(scores, dim=1) + math.log(n)
+
+
+def _estimate_from_scores(scores: Tensor, method: str) -> MIEstimate:
+    scores = scores.double()
+    n = scores.shape[0]
+    terms = _infonce_terms(scores)
+    diag = scores.diagonal()
+    off_mean = (scores.sum() - diag.sum()) / (n * (n - 1))
+    return MIEstimate(mi=float(terms.mean()), mi_gap=float(diag.mean() - off_mean),
+                      stderr=float(terms.std() / math.sqrt(n)), n=n, method=method, cap=math.log(n))
+
+
+class TokenMINEEstimator:
+    """Learned privacy-token estimator (InfoNCE-trained :class:`TokenCritic` over token pairs).
+
+    Per reading: ``train_draws`` independent noise draws of the audit gradients are reduced by the token
+    encoder's fixed stage, pushed into a replay buffer (the last ``replay_size`` draws), the encoder (if
+    trainable) takes ``encoder_steps`` denoising steps and the critic ``critic_steps`` InfoNCE steps on
+    buffer draws (only draws taken within ``sigma_tolerance`` of the current σ are kept); then the MI is reported on one *fresh* draw the critic never saw (held-out pairs),
+    InfoNCE over its N×N scores, capped at log N.
+
+    Args:
+        layer_shapes: trainable-parameter shapes; feature_dim: data-feature size; device: where to live.
+        token_encoder: a ``TOKEN_ENCODERS`` name or a :class:`TokenEncoder` instance.
+        token_dim: token size d; seed: seeds the encoder/critic initialisation (global RNG untouched).
+        train_draws, replay_size, encoder_steps, critic_steps, lr: training schedule (see above).
+
+    Source: Meng et al. 2025 (privacy tokens + MINE); InfoNCE (van den Oord et al. 2018).
+    """
+
+    name = "token-mine"
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], feature_dim: int, device: torch.device,
+                 token_encoder: str | TokenEncoder = "autoencoder", token_dim: int = 64, seed: int = 0,
+                 train_draws: int = 2, replay_size: int = 8, encoder_steps: int = 5, critic_steps: int = 10,
+                 lr: float = 1e-3, sigma_tolerance: float = 0.25, **_: Any) -> None:
+        with torch.random.fork_rng(devices=[]):
+            if isinstance(token_encoder, TokenEncoder):
+                encoder = token_encoder
+            else:
+                encoder = build_token_encoder(token_encoder, layer_shapes=layer_shapes, dim=token_dim, seed=seed)
+            torch.manual_seed(seed)
+            self.critic = TokenCritic(token_dim=encoder.dim, feature_dim=feature_dim).to(device)
+        self.encoder = encoder.to(device)
+        self.device = device
+        self.train_draws = int(train_draws)
+        self.sigma_tolerance = float(sigma_tolerance)
+        self.encoder_steps = int(encoder_steps)
+        self.critic_steps = int(critic_steps)
+        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        self.replay: deque[tuple[Tensor, Tensor, float]] = deque(maxlen=int(replay_size))
+        self.noise_model: TokenNoiseModel | None = None
+        self._sampler = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self._chol: Tensor | None = None
+
+    def _tokens(self, z: Tensor) -> Tensor:
+        return self.encoder.encode(z)
+
+    def _scores(self, z_noisy: Tensor, z_clean: Tensor, f: Tensor, noise_var: TokenNoiseModel) -> Tensor:
+        return self.critic(self._tokens(z_noisy), self._tokens(z_clean), f, noise_var)
+
+    def _noise_factor(self) -> Tensor:
+        """Cholesky factor L of the sketch-space noise covariance (unit σ), cached."""
+        if self._chol is None:
+            cov = self.encoder.noise_covariance(self.device)
+            jitter = 1e-9 * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            self._chol = torch.linalg.cholesky(cov + jitter).float()
+        return self._chol
+
+    def _sketch_noise(self, z_clean: Tensor, sigma: float) -> Tensor:
+        """A noisy sketch: z_clean + σ·L ε, the sketch of (clean + N(0, σ²I_P)) in distribution."""
+        chol = self._noise_factor()
+        eps = torch.randn(z_clean.shape, generator=self._generator, device=z_clean.device, dtype=z_clean.dtype)
+        return z_clean + sigma * eps @ chol.T
+
+    def _noise_model(self, z_clean: Tensor, sigma: float) -> TokenNoiseModel:
+        if not self.encoder.trainable:  # encode() is the identity: the token noise is N(0, σ² cov) exactly
+            cov = self._noise_factor().double()
+            return TokenNoiseModel(covariance=(sigma * sigma) * (cov @ cov.T))
+        draws = max(1, -(-16 * self.encoder.dim // z_clean.shape[0]))  # ≥ 16·d samples of the token noise
+        with torch.no_grad():
+            zc = z_clean.repeat(draws, 1)
+            return TokenNoiseModel(self._tokens(self._sketch_noise(zc, sigma)) - self._tokens(zc))
+
+    def estimate(self, draw: Callable[[], list[Tensor]], clean: list[Tensor], features: Tensor, *,
+                 noise_multiplier: float, max_grad_norm: float) -> MIEstimate:
+        """Train on fresh sketch-space draws of the replayed audit pairs; report InfoNCE on a fresh draw (nats)."""
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if clean[0].shape[0] < 2:
+            raise ValueError("the token estimator needs at least 2 audit examples")
+        sigma = float(noise_multiplier)
+        scale = 1.0 / max_grad_norm
+        with torch.no_grad():
+            z_clean = self.encoder.reduce([g * scale for g in clean]).float()
+            f = features.to(self.device).float()
+            f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
+        # Replay only audit pairs read at (nearly) the current noise level: a critic tuned to another σ is
+        # over- or under-confident here.
+        kept = [item for item in self.replay if abs(item[2] - sigma) <= self.sigma_tolerance * max(sigma, 1e-12)]
+        self.replay.clear()
+        self.replay.extend(kept)
+        self.replay.append((z_clean, f, sigma))
+        if self.encoder.trainable:
+            for _ in range(self.encoder_steps):
+                zc = z_clean.repeat(self.train_draws, 1)
+                self.encoder.fit_reduced(self._sketch_noise(zc, sigma), zc, steps=1)
+        self.noise_model = self._noise_model(z_clean, sigma)
+        with torch.enable_grad():
+            for _ in range(self.critic_steps):
+                pick = int(torch.randint(len(self.replay), (1,), generator=self._sampler))
+                zc, fb, _ = self.replay[pick]
+                if zc.shape != z_clean.shape or fb.shape != f.shape:
+                    zc, fb = z_clean, f
+                scores = self._scores(self._sketch_noise(zc, sigma), zc, fb, self.noise_model)
+                loss = -_infonce_terms(scores).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        with torch.no_grad():  # held out: a fresh draw of the real noisy gradients, never trained on
+            z_eval = self.encoder.reduce([g * scale for g in draw()]).float()
+            scores = self._scores(z_eval, z_clean, f, self.noise_model)
+        return _estimate_from_scores(scores, self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        enc_opt = getattr(self.encoder, "_optimizer", None)
+        return {
+            "encoder": self.encoder.state_dict(),
+            "encoder_optimizer": None if enc_opt is None else enc_opt.state_dict(),
+            "critic": self.critic.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "replay": [(item[0].cpu(), item[1].cpu(), item[2]) for item in self.replay],
+            "noise_model": None if self.noise_model is None else self.noise_model.state_dict(),
+            "sampler": self._sampler.get_state(),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        if state.get("encoder_optimizer") is not None and self.encoder.trainable:
+            self.encoder.optimizer().load_state_dict(state["encoder_optimizer"])
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.replay.clear()
+        for item in state["replay"]:
+            self.replay.append((item[0].to(self.device), item[1].to(self.device), float(item[2])))
+        nv = state.get("noise_model")
+        self.noise_model = None if nv is None else TokenNoiseModel.from_state(nv, self.device)
+        self._sampler.set_state(state["sampler"])
+        self._generator.set_state(state["generator"])
+
+
+#: Leakage estimators by name.
+ESTIMATORS: dict[str, type] = {
+    LikelihoodRatioEstimator.name: LikelihoodRatioEstimator,
+    TokenMINEEstimator.name: TokenMINEEstimator,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor
+# --------------------------------------------------------------------------------------------------
+
+
+def _audit_tensors(audit_data: Any, max_audit: int) -> tuple[Tensor, Tensor]:
+    """(x [N, ...], y [N]) from a Dataset, a DataLoader or (x, y) tensors; the first ``max_audit``."""
+    if isinstance(audit_data, DataLoader):
+        audit_data = audit_data.dataset
+    if isinstance(audit_data, (tuple, list)) and len(audit_data) == 2 and all(
+        isinstance(t, Tensor) for t in audit_data
+    ):
+        x, y = audit_data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"audit x and y have different lengths {x.shape[0]} and {y.shape[0]}")
+        return x[:max_audit], y[:max_audit]
+    if not isinstance(audit_data, Dataset) or not hasattr(audit_data, "__len__"):
+        raise ValueError(
+            f"audit_data must be a map-style Dataset, a DataLoader over one, or tensors (x, y); got "
+            f"{type(audit_data).__name__}"
+        )
+    n = min(len(audit_data), max_audit)
+    items = [audit_data[i] for i in range(n)]
+    if not items:
+        raise ValueError("audit_data is empty; pass at least 2 audit examples")
+    xs = torch.stack([torch.as_tensor(item[0]) for item in items])
+    ys = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+    return xs, ys
+
+
+class LeakageMonitor:
+    """Measures gradient leakage on an audit split, without touching the training step.
+
+    Args:
+        model: the ``GradSampleModule`` returned by ``PrivacyEngine.make_private`` (or a plain module).
+            Ghost clipping (``GradSampleModuleFastGradientClipping``) is refused: it has no per-sample
+            gradients.
+        audit_data: public or held-out examples (never trained on): a map-style Dataset of (x, y), a
+            DataLoader over one, or tensors ``(x [N, ...], y [N])``; the first ``max_audit`` are used.
+        max_grad_norm: C, the optimizer's clipping norm (or per-layer norms with ``clipping="per_layer"``).
+        estimator: an ``ESTIMATORS`` name: ``"likelihood-ratio"`` (default) or ``"token-mine"``.
+        token_encoder: a ``TOKEN_ENCODERS`` name for ``"token-mine"`` (default ``"autoencoder"``).
+        seed: seeds the monitor's own generator (noise draws) and learned parts.
+        max_audit: cap on N (default 256).
+        clipping: ``"flat"`` (default) or ``"per_layer"``, as given to ``make_private``.
+        loss_fn: per-example loss ``loss_fn(logits [1, K], target [1]) -> scalar``; default cross-entropy.
+        batch_size: audit examples per vmap call.
+        feature_layers, pooled_size: passed to :class:`FeatureExtractor` (token-mine only).
+        **estimator_options: e.g. ``token_dim``, ``critic_steps``, ``encoder_steps``, ``replay_size``.
+
+    Raises:
+        MonitorError: ghost clipping.
+        ValueError: empty audit data, < 2 examples, unknown estimator/encoder, non-positive C.
+    """
+
+    def __init__(self, model: nn.Module, audit_data: Any, *, max_grad_norm: float | Sequence[float],
+                 estimator: str = "likelihood-ratio", token_encoder: str | TokenEncoder = "autoencoder",
+                 seed: int = 0, max_audit: int = 256, clipping: str = "flat",
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, batch_size: int = 64,
+                 feature_layers: Sequence[str] | None = None, pooled_size: int = 2,
+                 **estimator_options: Any) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
+        if isinstance(token_encoder, str) and token_encoder not in TOKEN_ENCODERS:
+            raise ValueError(f"unknown token encoder {token_encoder!r}; choose one of {sorted(TOKEN_ENCODERS)}")
+        if clipping not in ("flat", "per_layer"):
+            raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+        if max_audit < 2:
+            raise ValueError(f"max_audit must be >= 2, got {max_audit}")
+        _total_norm(max_grad_norm)
+        self.model = model
+        self._module = _unwrap(model)
+        self.max_grad_norm = max_grad_norm
+        self.per_layer = clipping == "per_layer"
+        self.estimator_name = estimator
+        self.seed = int(seed)
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.batch_size = int(batch_size)
+        self._names = [n for n, p in self._module.named_parameters() if p.requires_grad]
+        if not self._names:
+            raise ValueError("the model has no trainable parameters")
+        self.device = next(self._module.parameters()).device
+        x, y = _audit_tensors(audit_data, int(max_audit))
+        if x.shape[0] < 2:
+            raise ValueError(f"audit_data has {x.shape[0]} example(s); the estimators need at least 2")
+        self.x = x.to(self.device)
+        self.y = y.to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            self._shadow = hook_free_copy(self._module)
+        self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        params = dict(self._module.named_parameters())
+        self.layer_shapes = [tuple(params[n].shape) for n in self._names]
+        self._features: Tensor | None = None
+        self._extractor = None
+        if estimator == "token-mine":
+            self._extractor = FeatureExtractor(self._shadow, layers=feature_layers, pooled_size=pooled_size)
+            feature_dim = self._features_now().shape[1]
+            self._estimator = TokenMINEEstimator(
+                layer_shapes=self.layer_shapes, feature_dim=feature_dim, device=self.device,
+                token_encoder=token_encoder, seed=self.seed, **estimator_options)
+        else:
+            self._estimator = LikelihoodRatioEstimator(**estimator_options)
+        self.readings = 0
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _live_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        named = dict(self._module.named_parameters())
+        params = {n: named[n].detach() for n in self._names}
+        frozen = {n: p.detach() for n, p in named.items() if n not in params}
+        buffers = {n: b.detach() for n, b in self._module.named_buffers()}
+        return params, {**frozen, **buffers}
+
+    def _features_now(self) -> Tensor:
+        params, rest = self._live_state()
+        from torch.func import functional_call
+
+        def forward(x: Tensor) -> Tensor:
+            return functional_call(self._shadow, (params, rest), (x,))
+
+        return self._extractor(self.x, forward=forward)
+
+    def clean_gradients(self, *, max_grad_norm: float | Sequence[float] | None = None) -> list[Tensor]:
+        """The audit examples' clipped per-sample gradients at the current parameters.
+
+        Returns:
+            One [N, *p.shape] tensor per trainable parameter (opacus' ``grad_sample`` order), clipped like
+            the optimizer clips.
+
+        Raises:
+            MonitorError: if a per-sample gradient is NaN or inf, or the audit data do not fit the model.
+        """
+        c = self.max_grad_norm if max_grad_norm is None else max_grad_norm
+        params, rest = self._live_state()
+        try:
+            grads = per_sample_gradients(self._shadow, params, rest, self.x, self.y, loss_fn=self.loss_fn,
+                                         batch_size=self.batch_size)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise MonitorError(
+                f"per-sample gradients failed on audit inputs of shape {tuple(self.x.shape)} and targets "
+                f"{tuple(self.y.shape)}: {exc}; pass audit examples shaped like the training batches"
+            ) from exc
+        for name, g in zip(self._names, grads):
+            if not bool(torch.isfinite(g).all()):
+                raise MonitorError(f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
+                                   "the model has diverged (lower the learning rate) or the audit inputs hold NaN")
+        if self.per_layer:
+            return clip_per_sample(grads, self.max_grad_norm if max_grad_norm is None else c, per_layer=True)
+        return clip_per_sample(grads, _total_norm(c))
+
+    def read(self, *, noise_multiplier: float, max_grad_norm: float | Sequence[float] | None = None
+             ) -> LeakageReading:
+        """Take one reading at noise multiplier σ (and clipping norm C, default the constructor's).
+
+        Args:
+            noise_multiplier: σ of the step being simulated; the noise std is σ·C (C the total clipping
+                norm). ≥ 0; the likelihood-ratio estimator needs > 0.
+            max_grad_norm: C for this reading (e.g. an adaptive-clipping optimizer's current value).
+
+        Returns:
+            :class:`LeakageReading` (nats).
+
+        Raises:
+            ValueError: σ negative or non-finite (or 0 for likelihood-ratio), bad C.
+            MonitorError: non-finite gradients, or an estimator failure on valid input.
+        """
+        start = time.perf_counter()
+        try:
+            sigma = float(noise_multiplier)
+        except (TypeError, ValueError):
+            raise ValueError(f"noise_multiplier must be a number, got {noise_multiplier!r}") from None
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+        c_spec = self.max_grad_norm if max_grad_norm is None else max_grad_norm
+        c = _total_norm(c_spec)
+        if self.estimator_name == "likelihood-ratio" and sigma <= 0:
+            raise ValueError(f"the likelihood-ratio critic needs noise_multiplier > 0 (it divides by σ²C²), "
+                             f"got {noise_multiplier}; use estimator='token-mine' to read at σ = 0")
+        clean = self.clean_gradients(max_grad_norm=c_spec)
+        features = self._features_now() if self._extractor is not None else clean[0].new_zeros(0)
+        std = sigma * c
+
+        def draw() -> list[Tensor]:
+            return [g + std * torch.randn(g.shape, generator=self._generator, device=g.device, dtype=g.dtype)
+                    for g in clean]
+
+        est = self._estimator.estimate(draw, clean, features, noise_multiplier=sigma, max_grad_norm=c)
+        if not math.isfinite(est.mi):
+            raise MonitorError(f"the {self.estimator_name} estimator returned a non-finite MI ({est.mi})")
+        self.readings += 1
+        return LeakageReading(estimator=self.estimator_name, mi=est.mi, mi_gap=est.mi_gap, stderr=est.stderr,
+                              n=est.n, seconds=time.perf_counter() - start, cap=est.cap, noise_multiplier=sigma)
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Estimator state (encoder, critic, optimisers, EMA, replay buffer) and the noise generator."""
+        return {"estimator": self.estimator_name, "readings": self.readings,
+                "generator": self._generator.get_state(), "state": self._estimator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Raises ValueError if it belongs to another estimator."""
+        if state.get("estimator") != self.estimator_name:
+            raise ValueError(f"state is for estimator {state.get('estimator')!r}, this monitor uses "
+                             f"{self.estimator_name!r}")
+        self.readings = int(state["readings"])
+        self._generator.set_state(state["generator"])
+        self._estimator.load_state_dict(state["state"])

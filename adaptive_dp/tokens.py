@@ -1,0 +1,474 @@
+"""Privacy tokens: fixed-size embeddings of per-sample gradients.
+
+A privacy token (Meng et al. 2025, "Real-Time Privacy Risk Measurement with Privacy Tokens for Gradient
+Leakage", arXiv 2502.02913) is ``Emb(g) = GradExtractor(g)``: a vector of ``dim`` numbers standing for one
+example's gradient, small enough for a critic to compare with data features. The encoders here take the
+per-sample gradients as opacus leaves them in ``p.grad_sample`` — a list with one tensor ``[B, *p.shape]``
+per parameter — and return tokens ``[B, dim]``:
+
+- ``"projection"`` — a seeded Johnson–Lindenstrauss random projection of the whole gradient, generated
+  layer by layer and chunk by chunk from a seeded ``torch.Generator`` so that no dense ``P × dim`` matrix
+  ever exists (``P`` can be millions); training-free, deterministic for a seed on a given device type.
+- ``"autoencoder"`` — per-layer chunks (each layer sketched to at most ``layer_dim`` numbers, small
+  layers kept exactly) → MLP encoder → token, with a linear decoder; trained online as a *denoising*
+  autoencoder (input: the noisy audit gradient at the current σ; target: the clean clipped gradient), so
+  the token keeps what survives the noise.
+- ``"transformer"`` — each layer chunk becomes one element of a short sequence (plus a learned layer
+  embedding) → a small ``nn.TransformerEncoder`` → mean-pooled token; trained with the same denoising
+  objective.
+
+``TOKEN_ENCODERS`` maps names to classes; :func:`build_token_encoder` builds one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "TOKEN_ENCODERS",
+    "AutoencoderTokenEncoder",
+    "LayerSketch",
+    "ProjectionTokenEncoder",
+    "TokenEncoder",
+    "TransformerTokenEncoder",
+    "build_token_encoder",
+    "chunked_gaussian_gram",
+    "chunked_gaussian_projection",
+]
+
+#: Largest number of projection-matrix entries generated at once (16 MiB of float32).
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+def _mixed_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (numpy SeedSequence; touches no global RNG)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def chunked_gaussian_projection(
+    flat: Tensor, *, out_dim: int, seed: int, key: int = 0, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
+) -> Tensor:
+    """``flat @ R`` for a seeded Gaussian ``R`` [P, out_dim] with N(0, 1/out_dim) entries, never held whole.
+
+    ``R`` is generated ``max_chunk_elements // out_dim`` rows at a time from a ``torch.Generator`` on
+    ``flat``'s device seeded by ``(seed, key, first row)``, so peak extra memory is one chunk and the result
+    is deterministic for a seed on a given device type (CPU and CUDA generators give different streams).
+    E‖flat @ R‖² = ‖flat‖² (Johnson & Lindenstrauss 1984; Achlioptas 2003).
+
+    Args:
+        flat: [B, P] float tensor.
+        out_dim: number of output coordinates, ≥ 1.
+        seed: the encoder's seed.
+        key: distinguishes independent matrices under one seed (e.g. the layer index).
+        max_chunk_elements: cap on the entries of ``R`` generated at once.
+
+    Returns:
+        [B, out_dim] tensor on ``flat``'s device and dtype.
+
+    Raises:
+        ValueError: if ``flat`` is not 2-D or ``out_dim`` < 1.
+    """
+    if flat.dim() != 2:
+        raise ValueError(f"flat must be [B, P], got shape {tuple(flat.shape)}")
+    if out_dim < 1:
+        raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+    rows = max(1, max_chunk_elements // out_dim)
+    out = flat.new_zeros(flat.shape[0], out_dim)
+    generator = torch.Generator(device=flat.device)
+    for start in range(0, flat.shape[1], rows):
+        stop = min(start + rows, flat.shape[1])
+        generator.manual_seed(_mixed_seed(seed, key, start))
+        block = torch.randn(stop - start, out_dim, generator=generator, device=flat.device, dtype=flat.dtype)
+        out.addmm_(flat[:, start:stop], block)
+    return out / math.sqrt(out_dim)
+
+
+def chunked_gaussian_gram(
+    rows: int, *, out_dim: int, seed: int, key: int = 0, device: torch.device | str = "cpu",
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+) -> Tensor:
+    """RᵀR for the ``R`` [rows, out_dim] of :func:`chunked_gaussian_projection` (same seed, key, device).
+
+    The covariance of ``ξ @ R`` for ξ ~ N(0, I_rows) — what isotropic gradient noise becomes after the
+    projection — so noise can be sampled directly in the projected space. Built chunk by chunk in float64.
+
+    Returns:
+        [out_dim, out_dim] float64 tensor on ``device``.
+    """
+    device = torch.device(device)
+    chunk = max(1, max_chunk_elements // out_dim)
+    gram = torch.zeros(out_dim, out_dim, dtype=torch.float64, device=device)
+    generator = torch.Generator(device=device)
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        generator.manual_seed(_mixed_seed(seed, key, start))
+        block = torch.randn(stop - start, out_dim, generator=generator, device=device).double()
+        gram += block.T @ block
+    return gram / out_dim
+
+
+def _validate_layer_shapes(layer_shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    shapes = [tuple(int(s) for s in shape) for shape in layer_shapes]
+    if not shapes:
+        raise ValueError("layer_shapes is empty: pass the shapes of the trainable parameters, e.g. "
+                         "[p.shape for p in model.parameters() if p.requires_grad]")
+    for shape in shapes:
+        if any(s < 1 for s in shape):
+            raise ValueError(f"layer shape {shape} has a non-positive size")
+    return shapes
+
+
+class TokenEncoder(nn.Module):
+    """Base class: per-layer per-sample gradients → privacy tokens.
+
+    Args:
+        layer_shapes: the parameter shapes, in the order the gradient list will come in.
+        dim: token size d, ≥ 1.
+        seed: seeds every random choice (projection matrices, initial weights); the global RNG is not used.
+
+    Subclasses implement :meth:`forward`; trainable ones also :meth:`fit`.
+    """
+
+    #: Whether :meth:`fit` changes the encoder.
+    trainable: bool = False
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.layer_shapes = _validate_layer_shapes(layer_shapes)
+        self.dim = int(dim)
+        self.seed = int(seed)
+
+    def check_grads(self, grads: Sequence[Tensor]) -> int:
+        """Validate a gradient list against ``layer_shapes``; return the batch size B.
+
+        Raises:
+            ValueError: wrong number of layers, wrong shapes, differing batch sizes or an empty batch.
+        """
+        if len(grads) != len(self.layer_shapes):
+            raise ValueError(f"expected {len(self.layer_shapes)} per-layer gradients, got {len(grads)}")
+        batch = grads[0].shape[0] if grads[0].dim() > 0 else -1
+        for i, (g, shape) in enumerate(zip(grads, self.layer_shapes)):
+            if tuple(g.shape[1:]) != shape or g.shape[0] != batch:
+                raise ValueError(f"gradient {i} has shape {tuple(g.shape)}, expected [B, *{shape}] with B = {batch}")
+        if batch < 1:
+            raise ValueError("empty batch: no per-sample gradients to tokenise")
+        return batch
+
+    def reduce(self, grads: Sequence[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        """The fixed (never trained) first stage: per-layer gradients → [B, K] sketch."""
+        raise NotImplementedError
+
+    def encode(self, z: Tensor) -> Tensor:
+        """The (possibly trained) second stage: sketch [B, K] → tokens [B, dim]. Identity by default."""
+        return z
+
+    def forward(self, grads: Sequence[Tensor]) -> Tensor:
+        """Tokens [B, dim] for per-layer gradients ``[B, *shape]`` (``encode(reduce(grads))``).
+
+        Raises:
+            ValueError: if the gradient list does not match ``layer_shapes`` or the batch is empty.
+        """
+        return self.encode(self.reduce(grads))
+
+    def fit(self, noisy: Sequence[Tensor], clean: Sequence[Tensor], *, steps: int = 1) -> float | None:
+        """Train on (noisy, clean) per-layer gradient pairs; returns the last loss (None: fixed encoder)."""
+        return self.fit_reduced(self.reduce(noisy), self.reduce(clean), steps=steps)
+
+    def fit_reduced(self, z_noisy: Tensor, z_clean: Tensor, *, steps: int = 1) -> float | None:
+        """:meth:`fit` on sketches [B, K] already passed through :meth:`reduce`."""
+        return None
+
+    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:  # pragma: no cover - abstract
+        """[K, K] covariance (float64) of ``reduce(ξ)`` for isotropic unit gradient noise ξ ~ N(0, I_P).
+
+        :meth:`reduce` is linear, so ``reduce(g + σ·ξ) = reduce(g) + σ·reduce(ξ)``: noisy sketches can be
+        drawn without materialising a P-dimensional noise vector. ``device`` must be where :meth:`reduce`
+        runs (CPU and CUDA generators give different projections).
+        """
+        raise NotImplementedError
+
+
+class ProjectionTokenEncoder(TokenEncoder):
+    """Seeded layer-wise Gaussian random projection to ``dim`` numbers (training-free baseline).
+
+    token = Σ_l R_l vec(g_l), R_l [P_l, dim] with N(0, 1/dim) entries generated in chunks (see
+    :func:`chunked_gaussian_projection`); E‖token‖² = ‖g‖². Peak extra memory: one chunk of
+    ``max_chunk_elements`` entries plus the [B, dim] output, whatever P is.
+
+    Source: Johnson–Lindenstrauss projection, the baseline privacy-token extractor of Meng et al. 2025.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer_shapes: Sequence[Sequence[int]],
+        dim: int = 64,
+        seed: int = 0,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    def reduce(self, grads: Sequence[Tensor]) -> Tensor:
+        """The projection [B, dim] itself (the encoder has no trained stage)."""
+        batch = self.check_grads(grads)
+        out = None
+        for layer, g in enumerate(grads):
+            part = chunked_gaussian_projection(
+                g.reshape(batch, -1), out_dim=self.dim, seed=self.seed, key=layer,
+                max_chunk_elements=self.max_chunk_elements,
+            )
+            out = part if out is None else out + part
+        return out
+
+
+    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
+        """Σ_l R_lᵀR_l, [dim, dim] float64 (see :meth:`TokenEncoder.noise_covariance`)."""
+        total = None
+        for layer, shape in enumerate(self.layer_shapes):
+            gram = chunked_gaussian_gram(math.prod(shape), out_dim=self.dim, seed=self.seed, key=layer,
+                                         device=device, max_chunk_elements=self.max_chunk_elements)
+            total = gram if total is None else total + gram
+        return total
+
+
+class LayerSketch(nn.Module):
+    """Fixed per-layer reduction: each layer → at most ``layer_dim`` numbers (exact when it is smaller).
+
+    Layers with P_l ≤ ``layer_dim`` are kept as they are; larger ones are projected to ``layer_dim``
+    numbers with :func:`chunked_gaussian_projection` (norm-preserving in expectation).
+
+    Args:
+        layer_shapes: parameter shapes.
+        layer_dim: the largest chunk size kept per layer.
+        seed: seed of the projections.
+
+    Attributes:
+        sizes: the number of outputs per layer.
+    """
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], layer_dim: int = 64, seed: int = 0,
+                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+        super().__init__()
+        self.layer_shapes = _validate_layer_shapes(layer_shapes)
+        self.layer_dim = int(layer_dim)
+        self.seed = int(seed)
+        self.max_chunk_elements = int(max_chunk_elements)
+        self.sizes = [min(math.prod(s), self.layer_dim) for s in self.layer_shapes]
+
+    def forward(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """Per-layer sketches, a list of [B, sizes[l]] tensors."""
+        out = []
+        for layer, g in enumerate(grads):
+            flat = g.reshape(g.shape[0], -1)
+            if flat.shape[1] <= self.layer_dim:
+                out.append(flat)
+            else:
+                out.append(chunked_gaussian_projection(
+                    flat, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
+                    max_chunk_elements=self.max_chunk_elements,
+                ))
+        return out
+
+    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
+        """Block-diagonal [K, K] float64 covariance of the sketch of N(0, I_P) noise."""
+        blocks = []
+        for layer, shape in enumerate(self.layer_shapes):
+            size = math.prod(shape)
+            if size <= self.layer_dim:
+                blocks.append(torch.eye(size, dtype=torch.float64, device=device))
+            else:
+                blocks.append(chunked_gaussian_gram(size, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
+                                                    device=device, max_chunk_elements=self.max_chunk_elements))
+        return torch.block_diag(*blocks)
+
+
+class _DenoisingEncoder(TokenEncoder):
+    """Shared machinery of the learned encoders: layer sketch, input scaling, denoising fit."""
+
+    trainable = True
+
+    def __init__(self, *, layer_shapes, dim, seed, layer_dim, lr) -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
+        self.sketch = LayerSketch(layer_shapes=self.layer_shapes, layer_dim=layer_dim, seed=seed)
+        total = sum(self.sketch.sizes)
+        # Running RMS of the noisy input per coordinate: keeps the network's input O(1) whatever σ is.
+        self.register_buffer("input_scale", torch.ones(total))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.long))
+        self.lr = float(lr)
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def _init_weights(self) -> None:
+        generator = torch.Generator().manual_seed(_mixed_seed(self.seed, 7))
+        for p in self.parameters():
+            if p.dim() >= 2:
+                bound = 1.0 / math.sqrt(p.shape[1])
+                with torch.no_grad():
+                    p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+            else:
+                with torch.no_grad():
+                    p.zero_()
+
+    def reduce(self, grads: Sequence[Tensor]) -> Tensor:
+        """Per-layer sketches concatenated, [B, sum(sketch.sizes)]."""
+        self.check_grads(grads)
+        return torch.cat(self.sketch(grads), dim=1)
+
+    def _encode(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
+        """See :meth:`LayerSketch.noise_covariance`."""
+        return self.sketch.noise_covariance(device)
+
+    def encode(self, z: Tensor) -> Tensor:
+        """Tokens [B, dim] from sketches [B, K], scaled by the RMS of the last noisy training input."""
+        return self._encode(z / self.input_scale.to(z))
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The encoder's Adam optimiser (created on first use, after the module is on its device)."""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        return self._optimizer
+
+    def fit_reduced(self, z_noisy: Tensor, z_clean: Tensor, *, steps: int = 1) -> float | None:
+        """Denoising updates: reconstruct the clean sketch from the noisy one (MSE, ``steps`` Adam steps).
+
+        The input scale is reset to the per-coordinate RMS of ``z_noisy`` first, so the network's input
+        stays O(1) whatever σ is.
+
+        Args:
+            z_noisy: [B, K] sketches of noisy gradients (clipped gradient + N(0, σ²C²)).
+            z_clean: [B, K] sketches of the matching clean clipped gradients.
+            steps: full-batch Adam steps.
+
+        Returns:
+            The last reconstruction loss (mean squared error per coordinate, in units of the input scale).
+        """
+        with torch.no_grad():
+            z_noisy = z_noisy.detach()
+            z_clean = z_clean.detach()
+            self.input_scale.copy_(z_noisy.pow(2).mean(0).sqrt().clamp_min(1e-12))
+            self.fitted += 1
+        x = z_noisy / self.input_scale
+        target = z_clean / self.input_scale
+        opt = self.optimizer()
+        loss = None
+        with torch.enable_grad():
+            for _ in range(int(steps)):
+                opt.zero_grad(set_to_none=True)
+                loss = F.mse_loss(self.decoder(self._encode(x)), target)
+                loss.backward()
+                opt.step()
+        return None if loss is None else float(loss.detach())
+
+
+class AutoencoderTokenEncoder(_DenoisingEncoder):
+    """Denoising autoencoder over per-layer chunks (the privacy-token extractor of Meng et al. 2025).
+
+    Each layer is sketched to ≤ ``layer_dim`` numbers (:class:`LayerSketch`), scaled by the running RMS
+    of the noisy input, then encoder MLP (→ ``hidden`` → ``dim``) gives the token and a linear decoder
+    maps it back to the sketch. :meth:`fit` trains encoder + decoder to reconstruct the clean clipped
+    gradient's sketch from the noisy one (Vincent et al. 2008, denoising autoencoders), so the token keeps
+    the directions where the signal survives the noise.
+
+    Args:
+        layer_shapes, dim, seed: see :class:`TokenEncoder`.
+        layer_dim: chunk size per layer (default 64).
+        hidden: width of the encoder's hidden layer (default 128).
+        lr: Adam learning rate of :meth:`fit`.
+    """
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
+                 layer_dim: int = 64, hidden: int = 128, lr: float = 1e-3) -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr)
+        total = sum(self.sketch.sizes)
+        self.encoder = nn.Sequential(nn.Linear(total, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
+        self.decoder = nn.Linear(self.dim, total)
+        self._init_weights()
+
+    def _encode(self, z: Tensor) -> Tensor:
+        return self.encoder(z)
+
+
+class TransformerTokenEncoder(_DenoisingEncoder):
+    """Layers as a sequence: per-layer chunks + layer embeddings → small transformer → pooled token.
+
+    Each layer's sketch (≤ ``layer_dim`` numbers, zero-padded to ``layer_dim``) is one sequence element,
+    linearly embedded to ``width`` with a learned per-layer embedding added; a ``depth``-layer
+    ``nn.TransformerEncoder`` (``heads`` heads) mixes them and the mean over the sequence, projected to
+    ``dim``, is the token. Trained with the same denoising objective as :class:`AutoencoderTokenEncoder`
+    (linear decoder from the token to the sketch).
+
+    Source: the transformer variant of the privacy-token extractor (Meng et al. 2025); Vaswani et al. 2017.
+    """
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
+                 layer_dim: int = 64, width: int = 32, heads: int = 4, depth: int = 2,
+                 lr: float = 1e-3) -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr)
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        layers = len(self.layer_shapes)
+        self.embed = nn.Linear(layer_dim, width)
+        self.layer_embedding = nn.Parameter(torch.zeros(layers, width))
+        block = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=2 * width,
+                                           dropout=0.0, batch_first=True)
+        self.transformer = nn.TransformerEncoder(block, num_layers=depth, enable_nested_tensor=False)
+        self.head = nn.Linear(width, self.dim)
+        self.decoder = nn.Linear(self.dim, sum(self.sketch.sizes))
+        self._init_weights()
+        with torch.no_grad():  # LayerNorm weights back to 1 after the generic init
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.fill_(1.0)
+            g = torch.Generator().manual_seed(_mixed_seed(self.seed, 11))
+            self.layer_embedding.copy_(torch.randn(layers, width, generator=g) * 0.1)
+
+    def _encode(self, z: Tensor) -> Tensor:
+        pieces = torch.split(z, self.sketch.sizes, dim=1)
+        seq = torch.stack([F.pad(p, (0, self.sketch.layer_dim - p.shape[1])) for p in pieces], dim=1)
+        h = self.transformer(self.embed(seq) + self.layer_embedding)
+        return self.head(h.mean(dim=1))
+
+
+#: Registry of privacy-token encoders by name.
+TOKEN_ENCODERS: dict[str, type[TokenEncoder]] = {
+    "projection": ProjectionTokenEncoder,
+    "autoencoder": AutoencoderTokenEncoder,
+    "transformer": TransformerTokenEncoder,
+}
+
+
+def build_token_encoder(
+    name: str, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0, **options
+) -> TokenEncoder:
+    """Build a privacy-token encoder by name.
+
+    Args:
+        name: one of ``TOKEN_ENCODERS`` ("projection", "autoencoder", "transformer").
+        layer_shapes: shapes of the trainable parameters, in gradient-list order.
+        dim: token size d.
+        seed: seed of all its random choices.
+        **options: encoder-specific keyword options (e.g. ``layer_dim``, ``hidden``, ``lr``).
+
+    Returns:
+        The encoder (an ``nn.Module``) on the CPU; move it with ``.to(device)``.
+
+    Raises:
+        ValueError: unknown name, empty ``layer_shapes`` or ``dim`` < 1.
+    """
+    try:
+        cls = TOKEN_ENCODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown token encoder {name!r}; choose one of {sorted(TOKEN_ENCODERS)}") from None
+    with torch.random.fork_rng(devices=[]):  # module constructors must not move the training RNG
+        return cls(layer_shapes=layer_shapes, dim=dim, seed=seed, **options)

@@ -1,0 +1,178 @@
+"""``adaptive-dp train`` end to end on digits: outputs, W&B read-back, checkpoint reload, seeds, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+import wandb
+from opacus.accountants import RDPAccountant
+from PIL import Image
+
+from adaptive_dp.commands import train as train_command
+from adaptive_dp.data import load_dataset
+from adaptive_dp.tracking import read_history, wandb_history
+from adaptive_dp.training import TrainConfig, evaluate, load_trained_model, train
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress"]
+
+
+def run_cli(argv: list[str]) -> int:
+    """``adaptive-dp train ARGV`` through the command's own parser and run()."""
+    parser = argparse.ArgumentParser(prog="adaptive-dp train")
+    train_command.configure(parser)
+    return train_command.run(parser.parse_args(argv))
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    options = dict(dataset="digits", epochs=1, batch_size=128, wandb_mode="disabled", out=str(tmp_path),
+                   device="cpu")
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One tiny CLI run on digits with an offline W&B run; returns (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    capture = pytest.MonkeyPatch()
+    capture.setenv("WANDB_MODE", "offline")
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = run_cli([*TINY, "--out", str(out), "--wandb-mode", "offline"])
+    capture.undo()
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_cli_writes_all_outputs(cli_run):
+    out, stdout = cli_run
+    summary = json.loads((out / "summary.json").read_text())
+    history = read_history(out)
+    assert f"results in {out}/" in stdout
+    assert summary["steps"] == len(history) == history[-1]["step"] > 0
+    assert [r["step"] for r in history] == list(range(1, len(history) + 1))
+    for record in history:
+        assert {"step", "epoch", "noise_multiplier", "epsilon", "loss", "mi"} <= record.keys()
+        assert record["mi"] is None and record["noise_multiplier"] == 1.0
+    assert summary["epsilon"] == history[-1]["epsilon"] and summary["delta"] == 1e-5
+    assert 0.1 < summary["test_accuracy"] <= 1.0
+    assert len(summary["epoch_times_s"]) == 1 and summary["wall_time_s"] > 0
+    assert summary["config"]["batch_size"] == 128 and summary["config"]["out"] == str(out)
+    with Image.open(out / "tradeoff.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("_module.") for k in state["model_state_dict"])
+    assert {"optimizer_state_dict", "accountant_state_dict", "config", "dataset_info", "history",
+            "rng_states", "epoch"} <= state.keys()
+    assert state["history"] == history and state["epoch"] == 1
+
+
+def test_epsilon_matches_opacus_accountant(cli_run):
+    """The odometer after every step equals opacus' own RDP accountant fed the same (σ, q, steps)."""
+    out, _ = cli_run
+    history = read_history(out)
+    train_size = json.loads((out / "summary.json").read_text())["dataset"]["train_size"]
+    q = history[0]["sample_rate"]
+    assert q == 1 / math.ceil(train_size / 128)  # opacus' sample rate: 1 / (batches per epoch)
+    for record in (history[0], history[-1]):
+        accountant = RDPAccountant()
+        accountant.history = [(1.0, q, record["step"])]
+        assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_offline_wandb_run_holds_the_jsonl_values(cli_run):
+    out, _ = cli_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wandb"]["mode"] == "offline"
+    wandb_file = summary["wandb"]["file"]
+    assert wandb_file.startswith(str(out / "wandb"))
+    rows = wandb_history(wandb_file)
+    history = read_history(out)
+    assert sorted(rows) == [r["step"] for r in history]
+    for record in history:
+        row = rows[record["step"]]
+        assert row["privacy/epsilon"] == record["epsilon"]
+        assert row["privacy/noise_multiplier"] == record["noise_multiplier"]
+        assert row["train/loss"] == record["loss"]
+    assert rows[history[-1]["step"]]["test/accuracy"] == summary["test_accuracy"]
+
+
+def test_checkpoint_reload_gives_the_same_test_accuracy(cli_run):
+    out, _ = cli_run
+    model, run = load_trained_model(out / "checkpoint.pt")
+    assert not any(hasattr(m, "_forward_counter") for m in model.modules())  # plain module, no opacus hooks
+    assert run["dataset"] == "digits" and run["model"] == "small-cnn" and run["max_grad_norm"] == 1.0
+    test_set = load_dataset(run["dataset"], split="test")
+    accuracy = evaluate(model, test_set)["accuracy"]
+    assert accuracy == json.loads((out / "summary.json").read_text())["test_accuracy"] == run["test_accuracy"]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adaptive-dp train --out"):
+        load_trained_model(tmp_path)
+
+
+def test_seed_repeats_the_run(tmp_path):
+    a = train(tiny_config(tmp_path / "a", seed=3), progress=False)
+    b = train(tiny_config(tmp_path / "b", seed=3), progress=False)
+    c = train(tiny_config(tmp_path / "c", seed=4), progress=False)
+    strip = [{k: r[k] for k in ("batch_size", "loss", "epsilon")} for r in read_history(tmp_path / "a")]
+    assert strip == [{k: r[k] for k in ("batch_size", "loss", "epsilon")} for r in read_history(tmp_path / "b")]
+    assert a["test_accuracy"] == b["test_accuracy"]
+    assert [r["loss"] for r in read_history(tmp_path / "c")] != [r["loss"] for r in read_history(tmp_path / "a")]
+    assert c["steps"] > 0
+
+
+def test_target_epsilon_is_met(tmp_path):
+    summary = train(tiny_config(tmp_path, target_epsilon=2.0), progress=False)
+    assert 1.9 < summary["epsilon"] <= 2.0
+    assert summary["noise_multiplier"] != 1.0  # chosen by opacus, not the --noise-multiplier default
+
+
+def test_failing_wandb_never_stops_training(tmp_path, monkeypatch):
+    def broken_log(self, *args, **kwargs):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb.Run, "log", broken_log)
+    summary = train(tiny_config(tmp_path, wandb_mode="offline"), progress=False)
+    assert len(read_history(tmp_path)) == summary["steps"] > 0
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--target-mi", "0.5"], "adaptive engine"),
+        (["--controller", "pid"], "adaptive engine"),
+        (["--epochs", "0"], "epochs must be"),
+        (["--lr", "-1"], "lr must be"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
+    code = run_cli([*TINY, "--out", str(tmp_path / "out"), "--wandb-mode", "disabled", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("adaptive-dp train: error:") and message in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_missing_data_dir_names_the_folder(tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    code = run_cli([*TINY, "--dataset", "mnist", "--data-dir", str(missing), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path / "out", dataset="mnist", data_dir=str(missing)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when torch sees no GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--device auto"):
+        train(tiny_config(tmp_path, device="cuda"))
