@@ -166,9 +166,15 @@ def rdp_sampled_gaussian(
     """RDP of one step of the Poisson-sampled Gaussian mechanism, at every order (vectorised).
 
     The same mathematics as opacus' ``opacus.accountants.analysis.rdp.compute_rdp`` (the same series, terms
-    and stopping rule) evaluated with numpy over all orders and noise multipliers at once; it agrees with
-    opacus to ~1e-12 relative and is one to three orders of magnitude faster. Results for a scalar σ are
+    and stopping rule) evaluated with numpy over all orders and noise multipliers at once; it is several
+    times to two orders of magnitude faster than opacus' scalar loop. Results for a scalar σ are
     cached per (q, σ, orders).
+
+    Precision: both this routine and opacus compute log A_α = (α − 1)·ρ with A_α ≈ 1 in float64, summing up to
+    ~10³ series terms; the two agree to ~1e-12 relative on A_α, which is 1e-12 relative on ρ for ρ ≳ 0.1 nats
+    but can be 1e-10 … 1e-6 relative where ρ is tiny (≲ 1e-4 nats per step); there both are equally limited by
+    float cancellation, and against an mpmath evaluation of the defining integral this routine is no less
+    accurate than opacus'. ε of a composition agrees with opacus to ~1e-14 relative.
 
     Args:
         sample_rate: q, the Poisson sampling probability of one example in one step; in [0, 1].
@@ -275,9 +281,10 @@ class IncrementalRDPAccountant(IAccountant):
     A drop-in opacus ``IAccountant`` (registered as ``"rdp_incremental"``): ``step`` adds the step's RDP of the
     sampled Gaussian at every order of opacus' ``DEFAULT_ALPHAS`` to a running vector (compensated
     summation) and keeps opacus' compact ``history`` (list of ``(noise_multiplier, sample_rate, steps)``,
-    consecutive repeats merged), so code that reads ``accountant.history`` works unchanged. ``get_epsilon`` /
-    ``get_privacy_spent`` have opacus ``RDPAccountant``'s meaning and agree with it on the same history to
-    ~1e-12 relative.
+    consecutive repeats merged), so code that reads ``accountant.history`` works unchanged; code that *sets*
+    ``history`` (as opacus' ``get_noise_multiplier`` does) is followed too (the vector is recomputed from it).
+    ``get_epsilon`` / ``get_privacy_spent`` have opacus ``RDPAccountant``'s meaning and agree with it on the
+    same history to ≤ 1e-9 relative (measured ≈ 1e-14).
 
     ``get_epsilon(δ)`` is the composition of the σ history that was used: with σ chosen adaptively it is an
     odometer reading; the guarantee for adaptive σ comes from :class:`adaptive_dp.budget.RenyiFilter`.

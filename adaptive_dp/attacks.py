@@ -425,6 +425,7 @@ def dlg(
     batch_size: int = 1,
     iterations: int = 300,
     lr: float = 1.0,
+    restarts: int = 1,
     seed: int = 0,
     progress: bool = False,
 ) -> AttackResult:
@@ -443,7 +444,9 @@ def dlg(
         batch_size: number of images B behind the released sum.
         iterations: L-BFGS iterations (one function evaluation each; DLG uses 300).
         lr: L-BFGS step size (DLG: 1).
-        seed: seeds the dummy initialisation.
+        restarts: independent dummy initialisations (DLG: 1); the lowest matching loss wins. L-BFGS from a
+            bad start can stall in a local minimum, which a restart usually escapes.
+        seed: seeds the dummy initialisation (restart r uses seed + r).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -453,7 +456,7 @@ def dlg(
         ValueError: for a released gradient of the wrong size, bad shapes or options.
     """
     return _dlg(model, released, image_shape=image_shape, max_grad_norm=max_grad_norm, batch_size=batch_size,
-                iterations=iterations, lr=lr, seed=seed, progress=progress, labels=None, desc="DLG")
+                iterations=iterations, lr=lr, restarts=restarts, seed=seed, progress=progress, labels=None, desc="DLG")
 
 
 def idlg(
@@ -464,6 +467,7 @@ def idlg(
     max_grad_norm: float | None,
     iterations: int = 300,
     lr: float = 1.0,
+    restarts: int = 1,
     seed: int = 0,
     progress: bool = False,
 ) -> AttackResult:
@@ -486,7 +490,8 @@ def idlg(
     num_classes = _num_classes(model, torch.zeros(1, c, h, w, device=device))
     labels = infer_labels(model, released, num_classes=num_classes, batch_size=1)
     return _dlg(model, released, image_shape=image_shape, max_grad_norm=max_grad_norm, batch_size=1,
-                iterations=iterations, lr=lr, seed=seed, progress=progress, labels=labels, desc="iDLG")
+                iterations=iterations, lr=lr, restarts=restarts, seed=seed, progress=progress, labels=labels,
+                desc="iDLG")
 
 
 def _check_common(iterations: int, lr: float, batch_size: int) -> None:
@@ -498,27 +503,38 @@ def _check_common(iterations: int, lr: float, batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _dlg(model, released, *, image_shape, max_grad_norm, batch_size, iterations, lr, seed, progress, labels, desc):
+def _dlg(model, released, *, image_shape, max_grad_norm, batch_size, iterations, lr, restarts, seed, progress,
+         labels, desc):
     _check_released(model, released)
     _check_common(iterations, lr, batch_size)
+    _check_restarts(restarts)
     c, h, w = _check_shape(image_shape)
     start = time.perf_counter()
     device = released.device
     num_classes = _num_classes(model, torch.zeros(1, c, h, w, device=device))
     fn = gradient_function(model, max_grad_norm=max_grad_norm)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    dummy = torch.rand(batch_size, c, h, w, generator=gen).to(device).requires_grad_(True)
-    if labels is None:
-        label_param = torch.randn(batch_size, num_classes, generator=gen).to(device).requires_grad_(True)
-        fixed = None
-    else:
-        label_param, fixed = None, F.one_hot(labels.to(device), num_classes).to(torch.float32)
     released = released.detach()
-    image, label_logits, loss, done = _lbfgs_matching(
-        fn, released, dummy, label_param, fixed, iterations=iterations, lr=lr, progress=progress, desc=desc
-    )
+    best = None
+    for r in range(restarts):
+        gen = torch.Generator(device="cpu").manual_seed(seed + r)
+        dummy = torch.rand(batch_size, c, h, w, generator=gen).to(device).requires_grad_(True)
+        if labels is None:
+            label_param = torch.randn(batch_size, num_classes, generator=gen).to(device).requires_grad_(True)
+            fixed = None
+        else:
+            label_param, fixed = None, F.one_hot(labels.to(device), num_classes).to(torch.float32)
+        run = _lbfgs_matching(fn, released, dummy, label_param, fixed, iterations=iterations, lr=lr,
+                              progress=progress, desc=f"{desc} restart {r + 1}/{restarts}")
+        if best is None or run[2] < best[2]:
+            best = run
+    image, label_logits, loss, _ = best
     out_labels = labels.to(device) if labels is not None else label_logits.argmax(dim=-1)
-    return AttackResult(image.clamp(0.0, 1.0), out_labels, loss, done, time.perf_counter() - start)
+    return AttackResult(image.clamp(0.0, 1.0), out_labels, loss, iterations * restarts, time.perf_counter() - start)
+
+
+def _check_restarts(restarts: int) -> None:
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -579,8 +595,7 @@ def inverting_gradients(
     """
     _check_released(model, released)
     _check_common(iterations, lr, batch_size)
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+    _check_restarts(restarts)
     if not tv_weight >= 0:
         raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
     c, h, w = _check_shape(image_shape)
@@ -601,7 +616,7 @@ def inverting_gradients(
         optimizer = torch.optim.Adam([x], lr=lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
-        def objective() -> Tensor:
+        def objective(x: Tensor = x) -> Tensor:
             g = fn(x, targets).sum(dim=0)
             cos = F.cosine_similarity(g, released, dim=0, eps=1e-12)
             return 1.0 - cos + tv_weight * total_variation(x)

@@ -5,7 +5,7 @@ costs are fixed in advance. When the noise multiplier σ_t of step t is chosen f
 controller reading leakage measured on the public audit split after the model update θ_t), the sum of the
 realised per-step RDP is only an *odometer* reading, not a guarantee. What is valid for such fully adaptive
 composition is a **Rényi filter** (Feldman & Zrnic 2021, "Individual Privacy Accounting via a Rényi Filter",
-NeurIPS 2021, Thm 3.1 / Cor. 3.3): fix a budget B(α) before training and never let the running sum
+NeurIPS 2021, §3, the Rényi filter theorem): fix a budget B(α) before training and never let the running sum
 Σ_t ρ_t(α) exceed B(α); then the whole adaptively composed run is (α, B(α))-RDP, for every order α the filter
 enforces, and the (ε, δ) guarantee is the one B gives (the usual RDP → (ε, δ) conversion minimised over α).
 Here ρ_t(α) is the RDP of one step of the Poisson-sampled Gaussian mechanism with sample rate q and noise
@@ -55,7 +55,7 @@ class PrivacyBudgetExhausted(RuntimeError):
 class RenyiFilter:
     """Rényi filter over RDP orders: a hard (target_epsilon, target_delta) budget for adaptively chosen σ.
 
-    Soundness (Feldman & Zrnic 2021, "Individual Privacy Accounting via a Rényi Filter", Thm 3.1): the per-order
+    Soundness (Feldman & Zrnic 2021, "Individual Privacy Accounting via a Rényi Filter", §3): the per-order
     budget B(α) is fixed at construction; every step's RDP ρ_t(α) (sampled Gaussian with this filter's sample
     rate and that step's σ_t — Mironov 2017; Mironov, Talwar, Zhang 2019) is known before the step runs, and
     :meth:`charge` books the step only if Σ_t ρ_t(α) ≤ B(α) at every order, else raises

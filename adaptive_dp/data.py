@@ -11,13 +11,23 @@ Data sets (``DATASETS``):
   parsed here with numpy.
 - ``"cifar10"`` — the original python batches (``cifar-10-batches-py/``), an image-folder tree
   (``{train,test}/<class>/*.jpg|png``), or the tar ``cifar10-jpeg/cifar10-jpeg.tar`` holding such a tree.
-  Image folders and the tar are decoded once into a cached uint8 ``.npz`` per split under
+  Image folders and the tar are decoded once into cached uint8 ``.npy`` files per split under
   :func:`get_cache_dir` (the tar's JPEGs are decoded straight from its members, no extracted copy); the
   cache is safe under concurrent processes (``fcntl.flock`` lock + write to a temporary name + ``os.replace``).
 
 Where the files are looked for: :func:`get_data_root` — the ``data_dir`` argument (``--data-dir``), else
-``$ADAPTIVE_DP_DATA``, else ``get_cache_dir()/data``. :func:`load_dataset` raises :class:`DataNotFoundError`
-listing the searched paths, the expected file names and how to get them.
+``$ADAPTIVE_DP_DATA``, else ``get_cache_dir()/data``. Under that root ROOT, in this order:
+
+- MNIST: ``ROOT/mnist/``, ``ROOT/MNIST/raw/`` (torchvision's layout), ``ROOT/``;
+- Fashion-MNIST: ``ROOT/fashion-mnist/``, ``ROOT/FashionMNIST/raw/``, ``ROOT/`` (both IDX data sets use the
+  same file names, so ``ROOT/`` itself is only right when it holds that one data set's files);
+- CIFAR-10: python batches in ``ROOT/cifar-10-batches-py/`` or ``ROOT/``; an image-folder tree in
+  ``ROOT/cifar10/``, ``ROOT/CIFAR10/``, ``ROOT/cifar-10/`` or ``ROOT/``; the tar
+  ``ROOT/cifar10-jpeg/cifar10-jpeg.tar`` or ``ROOT/cifar10-jpeg.tar``.
+
+:func:`load_dataset` raises :class:`DataNotFoundError` listing the searched paths, the expected file names
+and how to get them; ``download=True`` fetches missing files with torchvision's downloader (where
+torchvision is installed) into ROOT, in torchvision's layout, and then reads them with the parsers here.
 
 Audit split: :func:`audit_split` carves a seeded, disjoint hold-out off a training set; the leakage
 monitor measures on it, and it must never reach the training loader. Those examples are never trained
@@ -193,8 +203,10 @@ class ImageDataset(Dataset):
     ``dataset[i]`` returns ``(x, y)``: x float32 [C, H, W] = normalize(images[i] / 255, info), y an int.
     Item access is a handful of tensor ops (opacus' Poisson loader calls it per example), and
     ``__getitems__`` normalises a whole batch of indices at once (used by ``torch.utils.data.DataLoader``).
-    Data sets of at most ``FLOAT_CACHE_LIMIT`` pixel values (digits, MNIST test) keep a normalised float32
-    copy, made on first access; larger ones (CIFAR-10 train: 150 M values) normalise on the fly.
+    Data sets of at most ``FLOAT_CACHE_LIMIT`` pixel values (digits, the MNIST/Fashion-MNIST test splits)
+    keep a normalised float32 copy, made on first access; larger ones (MNIST train: 47 M values, CIFAR-10
+    train: 154 M) normalise on the fly. Treat ``images`` as read-only once items have been read (the cached
+    copy would not see later in-place edits); build a new ``ImageDataset`` instead.
     """
 
     FLOAT_CACHE_LIMIT = 16_000_000
@@ -285,16 +297,36 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary name in the same folder, then ``os.replace`` it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.save(handle, array)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _cache_files(prefix: Path) -> tuple[Path, Path]:
+    return prefix.with_name(prefix.name + ".images.npy"), prefix.with_name(prefix.name + ".labels.npy")
+
+
+def _cache_ready(prefix: Path) -> bool:
+    return _cache_files(prefix)[0].is_file()  # written last, so its presence means both are complete
+
+
+def _save_cached(prefix: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    images_path, labels_path = _cache_files(prefix)
+    _atomic_save_npy(labels_path, labels)
+    _atomic_save_npy(images_path, images)
+
+
+def _load_cached(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = _cache_files(prefix)
+    return np.load(images_path), np.load(labels_path)
 
 
 def _fingerprint(*parts: object) -> str:
@@ -381,7 +413,7 @@ def _find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _read_idx_pair(images_path: str, labels_path: str, _stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path, expected_magic=IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, expected_magic=IDX_LABELS_MAGIC)
@@ -499,13 +531,8 @@ def _stack(decoded: list[np.ndarray], labels: list[int]) -> tuple[np.ndarray, np
     return images, np.asarray(labels, dtype=np.int64)
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as npz:
-        return npz["images"], npz["labels"]
-
-
 def _cached_image_folder(split_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``split_dir/<class>/*`` once into ``get_cache_dir()/cifar10-decoded/folder-<split>-<key>.npz``.
+    """Decode ``split_dir/<class>/*`` once into ``get_cache_dir()/cifar10-decoded/folder-<split>-<key>.*.npy``.
 
     The key hashes the folder's resolved path and, per class, the folder's modification time and number of
     images (adding, removing or renaming images changes it; rewriting one in place does not).
@@ -516,15 +543,15 @@ def _cached_image_folder(split_dir: Path, split: str) -> tuple[np.ndarray, np.nd
         parts += [class_dir.stat().st_mtime_ns, sum(map(_is_image_name, os.listdir(class_dir)))]
     key = _fingerprint(*parts)
     cache = get_cache_dir() / "cifar10-decoded"
-    target = cache / f"folder-{split}-{key}.npz"
-    if not target.is_file():
+    target = cache / f"folder-{split}-{key}"
+    if not _cache_ready(target):
         with _file_lock(cache / f"folder-{split}-{key}.lock"):
-            if not target.is_file():
+            if not _cache_ready(target):
                 files = _list_image_folder(split_dir)
                 decoded = [_decode_image(path, str(path)) for path, _ in files]
                 images, labels = _stack(decoded, [label for _, label in files])
-                _atomic_save_npz(target, images=images, labels=labels)
-    return _load_npz(target)
+                _save_cached(target, images, labels)
+    return _load_cached(target)
 
 
 def _tar_candidates(root: Path) -> list[Path]:
@@ -570,7 +597,7 @@ def _decode_tar(tar_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _cached_tar(tar_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode an image-folder tar once into ``get_cache_dir()/cifar10-decoded/tar-{train,test}-<key>.npz``.
+    """Decode an image-folder tar once into ``get_cache_dir()/cifar10-decoded/tar-<split>-<key>.{images,labels}.npy``.
 
     Both splits are decoded in one pass over the tar (reading the tar is cheap, decoding the 60,000 JPEGs
     is the slow part); the key hashes the tar's resolved path, size and modification time, so a changed
@@ -582,13 +609,13 @@ def _cached_tar(tar_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     stat = tar_path.stat()
     key = _fingerprint(tar_path.resolve(), stat.st_size, stat.st_mtime_ns)
     cache = get_cache_dir() / "cifar10-decoded"
-    targets = {s: cache / f"tar-{s}-{key}.npz" for s in SPLITS}
-    if not targets[split].is_file():
+    targets = {s: cache / f"tar-{s}-{key}" for s in SPLITS}
+    if not _cache_ready(targets[split]):
         with _file_lock(cache / f"tar-{key}.lock"):
-            if not targets[split].is_file():
+            if not _cache_ready(targets[split]):
                 for s, (images, labels) in _decode_tar(tar_path).items():
-                    _atomic_save_npz(targets[s], images=images, labels=labels)
-    return _load_npz(targets[split])
+                    _save_cached(targets[s], images, labels)
+    return _load_cached(targets[split])
 
 
 def _load_cifar10(split: str, root: Path) -> tuple[np.ndarray, np.ndarray] | None:

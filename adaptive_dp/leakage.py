@@ -307,13 +307,15 @@ class TokenNoiseModel:
 class TokenCritic(nn.Module):
     """Critic of the token estimator: T(g̃_i, x_j) from tokens u_i = E(g̃_i), v_j = E(g_j), features f_j.
 
-    T_ij = −½ Σ_k softplus(w_k)·(W(u_i − μ − v_j))_k²  +  (A ū_i)ᵀ h(f_j)
+    T_ij = τ · [−½ Σ_k softplus(w_k)·(W(u_i − μ − v_j))_k²  +  (A ū_i)ᵀ h(f_j)]
 
     where (μ, W) is the :class:`TokenNoiseModel` of the current σ (so the distance term starts as the
     Gaussian likelihood-ratio critic in token space, whatever σ is), softplus(w_k) learns how much each
     whitened coordinate is trusted, ū are the tokens standardised over the batch, and the bilinear term
     (A, MLP h; zero at start) lets the candidate's data features speak — the privacy-token critic of
-    Meng et al. 2025 on top of the model-aware distance.
+    Meng et al. 2025 on top of the model-aware distance. The temperature τ ≥ 0 is calibrated on fresh
+    training draws after the updates (:meth:`TokenMINEEstimator.estimate`): where the Gaussian noise model
+    is off, it shrinks an over-confident critic towards 0 instead of letting InfoNCE go negative.
     """
 
     def __init__(self, *, token_dim: int, feature_dim: int, hidden: int = 64) -> None:
@@ -322,6 +324,7 @@ class TokenCritic(nn.Module):
         self.feature_net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
         self.token_map = nn.Linear(token_dim, hidden, bias=False)
         nn.init.zeros_(self.token_map.weight)
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, u: Tensor, v: Tensor, f: Tensor, noise: TokenNoiseModel) -> Tensor:
         """[N, N] scores: rows are noisy tokens u [N, d], columns candidates (v [N, d], f [N, F])."""
@@ -330,7 +333,7 @@ class TokenCritic(nn.Module):
         sv = (v @ noise.whiten.T) * w
         sq = (su * su).sum(1, keepdim=True) + (sv * sv).sum(1).unsqueeze(0) - 2.0 * su @ sv.T
         u_std = (u - u.mean(0)) / u.std(0).clamp_min(1e-12)  # O(1) input to the bilinear term at any σ
-        return -0.5 * sq.clamp_min(0.0) + self.token_map(u_std) @ self.feature_net(f).T
+        return self.temperature * (-0.5 * sq.clamp_min(0.0) + self.token_map(u_std) @ self.feature_net(f).T)
 
 
 def _infonce_terms(scores: Tensor) -> Tensor:
@@ -383,6 +386,7 @@ class TokenMINEEstimator:
         self.device = device
         self.train_draws = int(train_draws)
         self.sigma_tolerance = float(sigma_tolerance)
+        self.temperatures = [2.0 ** k for k in range(-8, 3)]
         self.encoder_steps = int(encoder_steps)
         self.critic_steps = int(critic_steps)
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=lr)
@@ -421,6 +425,24 @@ class TokenMINEEstimator:
             zc = z_clean.repeat(draws, 1)
             return TokenNoiseModel(self._tokens(self._sketch_noise(zc, sigma)) - self._tokens(zc))
 
+    def _calibrate(self, z_clean: Tensor, f: Tensor, sigma: float, draws: int = 4) -> None:
+        """Pick τ ∈ {0} ∪ {2^k} maximising InfoNCE on ``draws`` fresh training draws (not the reported one).
+
+        τ = 0 (a reading of exactly 0 nats) is kept unless the best τ beats it by more than two standard
+        errors on those draws, so the floor is not lifted by chance.
+        """
+        with torch.no_grad():
+            self.critic.temperature.fill_(1.0)
+            raw = torch.stack([self._scores(self._sketch_noise(z_clean, sigma), z_clean, f, self.noise_model)
+                               for _ in range(draws)])
+            best, best_value = 0.0, 0.0
+            for tau in self.temperatures:
+                terms = torch.stack([_infonce_terms(tau * s) for s in raw]).flatten()
+                value = float(terms.mean())
+                if value > best_value and value > 2.0 * float(terms.std()) / math.sqrt(terms.numel()):
+                    best, best_value = tau, value
+            self.critic.temperature.fill_(best)
+
     def estimate(self, draw: Callable[[], list[Tensor]], clean: list[Tensor], features: Tensor, *,
                  noise_multiplier: float, max_grad_norm: float) -> MIEstimate:
         """Train on fresh sketch-space draws of the replayed audit pairs; report InfoNCE on a fresh draw (nats)."""
@@ -445,6 +467,7 @@ class TokenMINEEstimator:
                 zc = z_clean.repeat(self.train_draws, 1)
                 self.encoder.fit_reduced(self._sketch_noise(zc, sigma), zc, steps=1)
         self.noise_model = self._noise_model(z_clean, sigma)
+        self.critic.temperature.fill_(1.0)
         with torch.enable_grad():
             for _ in range(self.critic_steps):
                 pick = int(torch.randint(len(self.replay), (1,), generator=self._sampler))
@@ -456,6 +479,7 @@ class TokenMINEEstimator:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+        self._calibrate(z_clean, f, sigma)
         with torch.no_grad():  # held out: a fresh draw of the real noisy gradients, never trained on
             z_eval = self.encoder.reduce([g * scale for g in draw()]).float()
             scores = self._scores(z_eval, z_clean, f, self.noise_model)

@@ -510,32 +510,32 @@ class MINETrainer:
         blocks = torch.tensor_split(order, math.ceil(n / block_size))
         was_training = self.critic.training
         self.critic.eval()
-        joint, lse_all, lse_off, lse_off_clip, off_sum, sizes = [], [], [], [], [], []
+        joint, row_lse, off_sum, sizes = [], [], [], []
         for idx in blocks:
-            scores = self.critic.pairwise(x[idx], z[idx]).double()
+            scores = self.critic.pairwise(x[idx], z[idx])
             b = scores.shape[0]
-            eye = torch.eye(b, dtype=torch.bool, device=scores.device)
-            off = scores.masked_fill(eye, -math.inf)
-            off_clip = scores.clamp(-self.smile_clip, self.smile_clip).masked_fill(eye, -math.inf)
-            joint.append(scores.diagonal())
-            lse_all.append(torch.logsumexp(scores, dim=1))
-            lse_off.append(torch.logsumexp(off, dim=1))
-            lse_off_clip.append(torch.logsumexp(off_clip, dim=1))
-            off_sum.append(scores.masked_fill(eye, 0.0).sum(dim=1))
+            diag = scores.diagonal()
+            joint.append(diag.double())
+            off_sum.append((scores.sum(dim=1) - diag).double())
             sizes.append(torch.full((b,), float(b), dtype=torch.float64, device=scores.device))
+            if self.method == "infonce":
+                row_lse.append(torch.logsumexp(scores, dim=1).double())
+                continue
+            eye = torch.eye(b, dtype=torch.bool, device=scores.device)
+            src = scores.clamp(-self.smile_clip, self.smile_clip) if self.method == "smile" else scores.clone()
+            row_lse.append(torch.logsumexp(src.masked_fill_(eye, -math.inf), dim=1).double())
         self.critic.train(was_training)
-        joint_t, size_t = torch.cat(joint), torch.cat(sizes)
+        joint_t, size_t, lse_t = torch.cat(joint), torch.cat(sizes), torch.cat(row_lse)
         n_off = float((size_t - 1).sum())
         mi_gap = float(joint_t.mean() - torch.cat(off_sum).sum() / n_off)
         cap = None
         if self.method == "infonce":
-            terms = joint_t - torch.cat(lse_all) + torch.log(size_t)
+            terms = joint_t - lse_t + torch.log(size_t)
             cap = float(torch.log(size_t).mean())
         else:
-            row_lse = torch.cat(lse_off_clip if self.method == "smile" else lse_off)
-            log_marg = torch.logsumexp(row_lse, dim=0) - math.log(n_off)
+            log_marg = torch.logsumexp(lse_t, dim=0) - math.log(n_off)
             # influence of row i on mean(T_joint) - log mean(e^T_marg): T_ii - rowmean_i(e^T) / mean(e^T)
-            terms = joint_t - torch.exp(row_lse - torch.log(size_t - 1) - log_marg)
+            terms = joint_t - torch.exp(lse_t - torch.log(size_t - 1) - log_marg)
             terms = terms - terms.mean() + (joint_t.mean() - log_marg)
         stderr = float(terms.std() / math.sqrt(n)) if n > 1 else float("nan")
         return MIEstimate(

@@ -2,7 +2,8 @@
 
 For plain ``opacus.PrivacyEngine`` users: like ``opacus.schedulers.ExponentialNoise``, each scheduler wraps a
 ``DPOptimizer`` and, on every :meth:`step`, sets ``optimizer.noise_multiplier`` to the schedule's σ_t with
-t = the number of ``step()`` calls so far (the constructor makes the first call, so the optimizer starts at σ₀).
+t = the number of ``step()`` calls so far (the constructor makes the first call, so the optimizer starts
+at σ₀).
 Call ``scheduler.step()`` once per optimizer step (for a per-step schedule) or once per epoch (then
 ``total_steps`` counts epochs), as with opacus' own schedulers. The accountant books whatever
 ``noise_multiplier`` the optimizer holds at each step, so the ε reported stays the composition of the σ used.

@@ -84,7 +84,9 @@ def check_bounds(sigma_min: Any, sigma_max: Any) -> tuple[float, float]:
     low = check_positive("sigma_min", sigma_min)
     high = check_positive("sigma_max", sigma_max)
     if low > high:
-        raise ValueError(f"sigma_min ({low}) must not exceed sigma_max ({high}); swap them or widen the range")
+        raise ValueError(
+            f"sigma_min ({low}) must not exceed sigma_max ({high}); swap them or widen the range"
+        )
     return low, high
 
 
@@ -158,7 +160,8 @@ def _check_kind(owner: object, state: dict[str, Any]) -> None:
     expected = type(owner).registry_name  # type: ignore[attr-defined]
     if kind != expected:
         raise ValueError(
-            f"state_dict of type {kind!r} cannot be loaded into {type(owner).__name__} (expects {expected!r}); "
+            f"state_dict of type {kind!r} cannot be loaded into {type(owner).__name__} "
+            f"(expects {expected!r}); "
             "build the controller that saved it"
         )
 
@@ -272,7 +275,7 @@ class FeedbackController:
             self._last_error = None
             return _apply_floor(self.sigma, floor)
         # σ in force when the reading was taken: sigma_max while failed closed, else own σ raised to the floor
-        # (the budget floor moves slowly, so this step's floor stands for the one the reading was taken under).
+        # (the budget floor moves slowly: this step's floor stands for the one the reading was taken under).
         applied = self._sigma_max if self._failed else _apply_floor(self._sigma, floor)
         overridden = self._failed or (floor is not None and floor >= self._sigma)
         self._failed = False

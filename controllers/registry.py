@@ -77,7 +77,8 @@ def build_controller(
     if key in FEEDBACK:
         if target_mi is None:
             raise ValueError(
-                f"controller {key!r} needs target_mi (the leakage ceiling in nats); pass target_mi=... or use an "
+                f"controller {key!r} needs target_mi (the leakage ceiling in nats); "
+                "pass target_mi=... or use an "
                 f"open-loop schedule ({', '.join(SCHEDULES)})"
             )
         return cls(target_mi, sigma_min=sigma_min, sigma_max=sigma_max, initial=initial, **options)

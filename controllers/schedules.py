@@ -61,7 +61,9 @@ class ExponentialDecay(Schedule):
     registry_name = "exponential"
 
     def _formula(self, t: int) -> float:
-        return self._sigma_start * math.exp(math.log(self._sigma_end / self._sigma_start) * (t / self._total_steps))
+        return self._sigma_start * math.exp(
+            math.log(self._sigma_end / self._sigma_start) * (t / self._total_steps)
+        )
 
 
 class CyclicDecay(Schedule):
@@ -76,7 +78,8 @@ class CyclicDecay(Schedule):
         super().__init__(sigma_start=sigma_start, sigma_end=sigma_end, total_steps=total_steps, **bounds)
         if self._sigma_end > self._sigma_start:
             raise ValueError(
-                f"sigma_end ({self._sigma_end}) must not exceed sigma_start ({self._sigma_start}) for the cyclic "
+                f"sigma_end ({self._sigma_end}) must not exceed sigma_start ({self._sigma_start}) "
+                "for the cyclic "
                 "(cosine) decay; use 'linear' or 'exponential' for a rising schedule"
             )
         self._angle = math.acos(self._sigma_end / self._sigma_start)
@@ -99,7 +102,13 @@ class StaircaseDecay(Schedule):
     registry_name = "staircase"
 
     def __init__(
-        self, *, sigma_start: float, sigma_end: float, total_steps: int, step_size: int | None = None, **bounds: Any
+        self,
+        *,
+        sigma_start: float,
+        sigma_end: float,
+        total_steps: int,
+        step_size: int | None = None,
+        **bounds: Any,
     ) -> None:
         super().__init__(sigma_start=sigma_start, sigma_end=sigma_end, total_steps=total_steps, **bounds)
         if step_size is None:
@@ -109,7 +118,9 @@ class StaircaseDecay(Schedule):
         except TypeError:
             size = 0
         if not 1 <= size <= self._total_steps:
-            raise ValueError(f"step_size must be an integer in [1, total_steps={self._total_steps}], got {step_size!r}")
+            raise ValueError(
+                f"step_size must be an integer in [1, total_steps={self._total_steps}], got {step_size!r}"
+            )
         self._step_size = size
 
     @property
@@ -141,11 +152,20 @@ class ConstantNoise(Schedule):
     registry_name = "constant"
 
     def __init__(
-        self, sigma: float, *, total_steps: int = 1, sigma_min: float | None = None, sigma_max: float | None = None
+        self,
+        sigma: float,
+        *,
+        total_steps: int = 1,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
     ) -> None:
         value = check_positive("sigma", sigma)
         super().__init__(
-            sigma_start=value, sigma_end=value, total_steps=total_steps, sigma_min=sigma_min, sigma_max=sigma_max
+            sigma_start=value,
+            sigma_end=value,
+            total_steps=total_steps,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
         )
 
     def _formula(self, t: int) -> float:

@@ -191,7 +191,9 @@ REFERENCE_SCENARIOS: dict[str, Scenario] = {
     # leakage falls 3x as training fits the data (MNIST-like), σ* ≈ 1.02 → 0.34
     "fall3x_b2": Scenario(LeakagePlant(s_0=0.3, s_end=0.1, tau=800, slope=2.0), target=0.5),
     # shallow slope, low ceiling, starts far under σ* ≈ 4.7 (σ = 1 leaks 0.9 nats), frequent noisy readings
-    "fall5x_b1.5": Scenario(LeakagePlant(s_0=0.5, s_end=0.1, tau=600, slope=1.5), target=0.2, read_every=5, noise=0.15),
+    "fall5x_b1.5": Scenario(
+        LeakagePlant(s_0=0.5, s_end=0.1, tau=600, slope=1.5), target=0.2, read_every=5, noise=0.15
+    ),
     # steep slope, high ceiling, starts far over σ* ≈ 0.35, rare readings
     "fall2x_b3": Scenario(LeakagePlant(s_0=0.2, s_end=0.1, tau=1000, slope=3.0), target=1.0, read_every=20),
     # leakage that rises during training (the hard direction for a lagging controller)

@@ -26,9 +26,11 @@ class ThresholdController(FeedbackController):
     reading over the ceiling, and (anti-windup) never lowers it on a reading taken while the budget floor or
     fail-closed set σ.
 
-    Closed-loop behaviour on the simulated plants of ``controllers.simulation`` is reported in
-    ``tests/test_controller_closed_loop.py`` (true MI ≤ 1.1 × target in ≥ 95 % of steps after warm-up,
-    σ within 2× of the smallest σ meeting the ceiling).
+    Closed loop on ``controllers.simulation.REFERENCE_SCENARIOS`` (3 seeds × 3 000 steps, σ from 1; checked by
+    ``tests/test_controller_closed_loop.py``): at most 1.0 % of steps after warm-up with true MI over
+    1.1 × target, median σ/σ* 1.09–1.19 (σ* = the smallest σ meeting the ceiling). It oscillates inside its
+    band where the PID settles, so the noisy steep stress plant (b = 4, 25 % noise) costs it 9.5 % of steps
+    over 1.1 × target against the PID's 3.1 %.
 
     Args:
         target: leakage ceiling, nats (> 0).

@@ -46,7 +46,9 @@ floors = st.one_of(st.none(), st.floats(min_value=0.0, max_value=3 * HIGH, allow
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(sorted(FEEDBACK)), sequence=st.lists(st.tuples(measurements, floors), max_size=60))
+@given(
+    kind=st.sampled_from(sorted(FEEDBACK)), sequence=st.lists(st.tuples(measurements, floors), max_size=60)
+)
 def test_sigma_always_finite_bounded_and_not_under_the_floor(kind, sequence):
     controller = FEEDBACK[kind]()
     for step, (measurement, floor) in enumerate(sequence, start=1):
@@ -204,7 +206,9 @@ def _random_run(controller, steps: int, seed: int, *, start: int = 1):
 @pytest.mark.parametrize("name", sorted(CONTROLLERS))
 def test_state_dict_round_trip_mid_run_gives_the_same_sequence(name):
     def make():
-        return build_controller(name, target_mi=TARGET, sigma_min=LOW, sigma_max=HIGH, initial=1.0, total_steps=300)
+        return build_controller(
+            name, target_mi=TARGET, sigma_min=LOW, sigma_max=HIGH, initial=1.0, total_steps=300
+        )
 
     reference = make()
     full = _random_run(reference, 200, seed=1)
@@ -237,7 +241,15 @@ def test_load_state_dict_rejects_another_kind():
 
 
 def test_registry_and_factory():
-    assert set(CONTROLLERS) == {"pid", "threshold", "linear", "staircase", "exponential", "cyclic", "constant"}
+    assert set(CONTROLLERS) == {
+        "pid",
+        "threshold",
+        "linear",
+        "staircase",
+        "exponential",
+        "cyclic",
+        "constant",
+    }
     expected = {
         "pid": PIDController,
         "threshold": ThresholdController,
@@ -264,7 +276,12 @@ def test_registry_and_factory():
             build_controller(name, target_mi=None, sigma_min=LOW, sigma_max=HIGH, initial=1.0)
     with pytest.raises(ValueError, match="initial"):
         build_controller("pid", target_mi=TARGET, sigma_min=LOW, sigma_max=HIGH, initial=100.0)
-    assert build_controller("constant", target_mi=None, sigma_min=LOW, sigma_max=HIGH, initial=1.2).update(None, 5) == 1.2
+    assert (
+        build_controller("constant", target_mi=None, sigma_min=LOW, sigma_max=HIGH, initial=1.2).update(
+            None, 5
+        )
+        == 1.2
+    )
 
 
 def test_package_is_free_of_torch_and_opacus():

@@ -115,7 +115,9 @@ def test_invalid_schedule_specific_arguments():
 
 @pytest.mark.parametrize("name", ["linear", "staircase", "exponential", "cyclic"])
 def test_factory_builds_schedules(name):
-    schedule = build_controller(name, target_mi=None, sigma_min=0.1, sigma_max=10.0, initial=2.0, total_steps=40)
+    schedule = build_controller(
+        name, target_mi=None, sigma_min=0.1, sigma_max=10.0, initial=2.0, total_steps=40
+    )
     assert schedule.sigma_at(0) == 2.0
     assert schedule.sigma_at(40) == pytest.approx(2.0 / 3.0)  # default σ_T = σ₀/3
     explicit = build_controller(
@@ -123,9 +125,9 @@ def test_factory_builds_schedules(name):
     )
     assert explicit.sigma_at(40) == 0.8 and explicit.sigma_min == 0.1 and explicit.sigma_max == 10.0
     # the default σ_T is not under sigma_min
-    assert build_controller(name, target_mi=None, sigma_min=1.5, sigma_max=10.0, initial=2.0, total_steps=40).sigma_at(
-        40
-    ) == pytest.approx(1.5)
+    assert build_controller(
+        name, target_mi=None, sigma_min=1.5, sigma_max=10.0, initial=2.0, total_steps=40
+    ).sigma_at(40) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="total_steps"):
         build_controller(name, target_mi=None, sigma_min=0.1, sigma_max=10.0, initial=2.0)
 
@@ -153,7 +155,9 @@ def _dp_optimizer(noise_multiplier: float = 2.0):
     )
 
 
-@pytest.mark.parametrize("cls_name", ["LinearDecayNoise", "ExponentialDecayNoise", "CyclicDecayNoise", "StaircaseDecayNoise"])
+@pytest.mark.parametrize(
+    "cls_name", ["LinearDecayNoise", "ExponentialDecayNoise", "CyclicDecayNoise", "StaircaseDecayNoise"]
+)
 def test_opacus_adapter_sets_noise_multiplier_each_step(cls_name):
     from opacus.schedulers.noise_scheduler import _NoiseScheduler
 

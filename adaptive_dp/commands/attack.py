@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="candidate set size N for --method identify (default: %(default)s)")
     attack.add_argument("--iterations", type=int, default=None,
                         help="optimiser iterations (default: 300 for dlg/idlg, 4800 for ig)")
-    attack.add_argument("--restarts", type=int, default=1, help="IG restarts (default: %(default)s)")
+    attack.add_argument("--restarts", type=int, default=1, help="random restarts, best match kept (default: %(default)s)")
     attack.add_argument("--tv-weight", type=float, default=1e-4, help="IG total-variation weight (default: %(default)s)")
     attack.add_argument("--seed", type=int, default=0,
                         help="seeds the image choice, model initialisation, noise and dummies (default: %(default)s)")
@@ -128,14 +128,13 @@ def _reconstruct(model, x, y, config, *, index, seed, progress):
     gen = torch.Generator(device=x.device).manual_seed(seed)
     released = attacks.release_gradient(model, x, y, noise_multiplier=sigma, max_grad_norm=clip, generator=gen)
     common = dict(image_shape=tuple(x.shape[1:]), max_grad_norm=clip, iterations=config["iterations"], seed=seed,
-                  progress=progress)
+                  restarts=config["restarts"], progress=progress)
     if method == "dlg":
         result = attacks.dlg(model, released, **common)
     elif method == "idlg":
         result = attacks.idlg(model, released, **common)
     else:
-        result = attacks.inverting_gradients(model, released, restarts=config["restarts"],
-                                             tv_weight=config["tv_weight"], **common)
+        result = attacks.inverting_gradients(model, released, tv_weight=config["tv_weight"], **common)
     quality = evaluate_reconstructions(result.reconstruction, x)[0]
     record = {"index": index, "psnr": _finite(quality.psnr), "ssim": quality.ssim, "mse": quality.mse,
               "label_correct": bool(result.labels[0].item() == y[0].item()), "seconds": result.seconds}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"],
-                     help="expected Poisson batch size; sample rate = batch size / training-set size "
+                     help="expected Poisson batch size; sample rate q = 1 / ceil(training-set size / batch size) "
                           "(default: %(default)s)")
     opt.add_argument("--lr", type=float, default=d["lr"], help="learning rate (default: %(default)s)")
     opt.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"],
@@ -76,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     """Train; print where the results went. Returns 0, or 2 with one error line for bad input."""
     from adaptive_dp.training import train
 
+    # opacus' per-sample-gradient hooks trip this torch warning on the first layer (inputs need no gradient);
+    # it is harmless and would otherwise interrupt the progress bar.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
         config = config_from_args(args)
         summary = train(config, progress=not args.no_progress)
