@@ -16,7 +16,7 @@ remain the caller's: σ_t may depend only on public data and past outputs (hence
 step must not run when :meth:`RenyiFilter.charge` raised.
 
 The budget is the RDP curve of the uniform plan that spends exactly ``target_epsilon`` over the planned steps:
-B(α) = T · ρ(σ_u, α), so the guarantee is ``target_epsilon`` (at most; within 1e-6 below). The floor for the
+B(α) = T · ρ(σ_u, α), so the guarantee is ``target_epsilon`` (at most; within 1e-7 relative below). The floor for the
 next step is the smallest σ that, used for every remaining planned step, keeps every order within budget (the
 even share of what is left). A controller that adds noise above the floor saves budget and lowers later
 floors: a leakage-aware allocation of a fixed budget.
@@ -42,7 +42,7 @@ _GRID_RATIO = 1.001  # ratio between neighbouring σ's of the floor's lazily tab
 _BLOCK = 16  # grid rows computed together (one vectorised call) when the floor needs a new one
 _SIGMA_LOWEST = 0.01  # floors below this are reported as this (a valid, slightly conservative floor)
 _SIGMA_HIGHEST = 1e6  # opacus' MAX_SIGMA: beyond it the budget cannot pay for any step
-_EPS_TOLERANCE = 1e-6  # ε(B) lies in [target - tolerance, target]
+_EPS_TOLERANCE = 1e-7  # ε(B) lies in [target - tolerance · max(1, target), target] (≤ 1e-6 below for ε ≤ 10)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -66,7 +66,7 @@ class RenyiFilter:
 
     The budget: B(α) = T · ρ(σ_u, α), the uniform plan over T = ``planned_steps`` steps whose ε at
     ``target_delta`` is ``target_epsilon`` (σ_u from opacus' ``get_noise_multiplier``, refined by bisection so
-    that ε(B) ∈ [target_epsilon − 1e-6, target_epsilon]).
+    that ε(B) ∈ [target_epsilon − 1e-7 · max(1, target_epsilon), target_epsilon]).
 
     Args:
         target_epsilon: ε of the budget (> 0).
@@ -127,7 +127,8 @@ class RenyiFilter:
         return epsilon_from_rdp(rdp, orders=self.orders, delta=delta)[0]
 
     def _solve_uniform_sigma(self) -> float:
-        """σ_u with ε(T · ρ(σ_u)) ∈ [target − 1e-6, target] at target_delta (opacus' search, then bisection)."""
+        """σ_u with ε(T · ρ(σ_u)) ∈ [target − 1e-7 · max(1, target), target] at target_delta (opacus' search,
+        then bisection)."""
         steps, eps_of = self.planned_steps, self._epsilon_of
         try:
             with warnings.catch_warnings():
@@ -146,11 +147,12 @@ class RenyiFilter:
                 f"{steps} steps at sample_rate={self.sample_rate} with σ ≤ 1e6: raise the budget or plan fewer "
                 "steps."
             ) from err
+        tolerance = _EPS_TOLERANCE * max(1.0, self.target_epsilon)
         low = high / 2
         while eps_of(steps * self._rho(low), self.target_delta) <= self.target_epsilon and low > 1e-6:
             high, low = low, low / 2
         for _ in range(200):
-            if self.target_epsilon - eps_of(steps * self._rho(high), self.target_delta) <= _EPS_TOLERANCE:
+            if self.target_epsilon - eps_of(steps * self._rho(high), self.target_delta) <= tolerance:
                 break
             mid = 0.5 * (low + high)
             if eps_of(steps * self._rho(mid), self.target_delta) <= self.target_epsilon:

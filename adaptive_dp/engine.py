@@ -298,11 +298,13 @@ class AdaptivePrivacyEngine(PrivacyEngine):
                     "make_private_with_epsilon called with privacy already spent; the budget filter counts "
                     "only the steps from now on", stacklevel=3,
                 )
-            noise_multiplier = get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=budget_delta, sample_rate=sample_rate,
-                epochs=epochs, accountant=_noise_search_accountant(self.accountant.mechanism()),
-                epsilon_tolerance=tolerance,
-            )
+            with warnings.catch_warnings():  # the search visits σ's whose best order is the largest
+                warnings.filterwarnings("ignore", message="Optimal order is the")
+                noise_multiplier = get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=budget_delta, sample_rate=sample_rate,
+                    epochs=epochs, accountant=_noise_search_accountant(self.accountant.mechanism()),
+                    epsilon_tolerance=tolerance,
+                )
         if target_delta is not None:
             self.target_delta = float(target_delta)
 

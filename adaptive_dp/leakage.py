@@ -428,7 +428,7 @@ class TokenMINEEstimator:
     def _calibrate(self, z_clean: Tensor, f: Tensor, sigma: float, draws: int = 4) -> None:
         """Pick τ ∈ {0} ∪ {2^k} maximising InfoNCE on ``draws`` fresh training draws (not the reported one).
 
-        τ = 0 (a reading of exactly 0 nats) is kept unless the best τ beats it by more than two standard
+        τ = 0 (a reading of exactly 0 nats) is kept unless the best τ beats it by more than three standard
         errors on those draws, so the floor is not lifted by chance.
         """
         with torch.no_grad():
@@ -439,7 +439,7 @@ class TokenMINEEstimator:
             for tau in self.temperatures:
                 terms = torch.stack([_infonce_terms(tau * s) for s in raw]).flatten()
                 value = float(terms.mean())
-                if value > best_value and value > 2.0 * float(terms.std()) / math.sqrt(terms.numel()):
+                if value > best_value and value > 3.0 * float(terms.std()) / math.sqrt(terms.numel()):
                     best, best_value = tau, value
             self.critic.temperature.fill_(best)
 
@@ -500,6 +500,7 @@ class TokenMINEEstimator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.encoder.load_state_dict(state["encoder"])
+        self._chol = None  # the projections may have changed with the encoder's seed
         if state.get("encoder_optimizer") is not None and self.encoder.trainable:
             self.encoder.optimizer().load_state_dict(state["encoder_optimizer"])
         self.critic.load_state_dict(state["critic"])
@@ -717,8 +718,10 @@ class LeakageMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Estimator state (encoder, critic, optimisers, EMA, replay buffer) and the noise generator."""
-        return {"estimator": self.estimator_name, "readings": self.readings,
-                "generator": self._generator.get_state(), "state": self._estimator.state_dict()}
+        # deep copy: optimiser state_dicts alias live tensors (Adam's step counter), which a monitor loading
+        # this state would otherwise share with this one
+        return copy.deepcopy({"estimator": self.estimator_name, "readings": self.readings,
+                              "generator": self._generator.get_state(), "state": self._estimator.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Raises ValueError if it belongs to another estimator."""

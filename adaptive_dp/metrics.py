@@ -42,7 +42,7 @@ def _to_numpy_pair(reconstruction: Tensor, original: Tensor, data_range: float) 
         lo, hi = float(t.min()), float(t.max())
         if lo < -1e-6 or hi > data_range + 1e-6:
             raise ValueError(
-                f"{name} must lie in [0, {data_range}] (the data's own range), got [{lo:.3g}, {hi:.3g}]; "
+                f"{name} must lie in [0, {data_range:g}] (the data's own range), got [{lo:.3g}, {hi:.3g}]; "
                 "denormalize it first (adaptive_dp.data.denormalize) or pass the right data_range"
             )
     return a.numpy(), b.numpy()

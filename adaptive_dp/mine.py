@@ -18,6 +18,7 @@ critic score on matched pairs minus the mean on mismatched pairs.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -545,10 +546,10 @@ class MINETrainer:
     # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Critic weights, optimiser state, MINE's EMA, step count and sampler RNG state."""
+        """Critic weights, optimiser state, MINE's EMA, step count and sampler RNG state (a deep copy)."""
         return {
-            "critic": self.critic.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "critic": copy.deepcopy(self.critic.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "log_ema": None if self.log_ema is None else float(self.log_ema),
             "steps_done": self.steps_done,
             "generator": self._generator.get_state(),

@@ -144,7 +144,13 @@ class TokenEncoder(nn.Module):
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.layer_shapes = _validate_layer_shapes(layer_shapes)
         self.dim = int(dim)
-        self.seed = int(seed)
+        # a buffer, so that load_state_dict restores the projections along with the weights
+        self.register_buffer("projection_seed", torch.tensor(int(seed), dtype=torch.long))
+
+    @property
+    def seed(self) -> int:
+        """The seed of the encoder's fixed projections (restored by ``load_state_dict``)."""
+        return int(self.projection_seed)
 
     def check_grads(self, grads: Sequence[Tensor]) -> int:
         """Validate a gradient list against ``layer_shapes``; return the batch size B.
@@ -260,9 +266,14 @@ class LayerSketch(nn.Module):
         super().__init__()
         self.layer_shapes = _validate_layer_shapes(layer_shapes)
         self.layer_dim = int(layer_dim)
-        self.seed = int(seed)
+        self.register_buffer("projection_seed", torch.tensor(int(seed), dtype=torch.long))
         self.max_chunk_elements = int(max_chunk_elements)
         self.sizes = [min(math.prod(s), self.layer_dim) for s in self.layer_shapes]
+
+    @property
+    def seed(self) -> int:
+        """The seed of the per-layer projections (restored by ``load_state_dict``)."""
+        return int(self.projection_seed)
 
     def forward(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """Per-layer sketches, a list of [B, sizes[l]] tensors."""

@@ -202,11 +202,11 @@ def _dp_training(digits, *, estimator: str | None, steps: int = 4):
         opt.zero_grad()
         F.cross_entropy(gsm(x), y).backward()
         if monitor is not None:  # between backward and step: grad_sample is live
-            before = [p.grad_sample.clone() for p in gsm.parameters()]
+            before = [(p.grad_sample.clone(), p.grad.clone(), hasattr(p, "summed_grad")) for p in gsm.parameters()]
             monitor.read(noise_multiplier=0.8)
-            for p, b in zip(gsm.parameters(), before):
-                assert torch.equal(p.grad_sample, b)
-                assert p.grad is None
+            for p, (grad_sample, grad, summed) in zip(gsm.parameters(), before):
+                assert torch.equal(p.grad_sample, grad_sample) and torch.equal(p.grad, grad)
+                assert hasattr(p, "summed_grad") == summed
         opt.step()
         if monitor is not None:
             monitor.read(noise_multiplier=0.8)

@@ -15,7 +15,6 @@ from adaptive_dp.tokens import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Small tensors: one intra-op thread is several times faster than two on a loaded 2-core machine."""

@@ -1,0 +1,211 @@
+"""Shared helpers of the benchmark scripts: arguments, the machine, result files, the last-line JSON.
+
+Every script in ``benchmarks/`` runs as ``python benchmarks/<name>.py [--quick] [...]``, writes
+``benchmarks/results/<name>.{json,md,png}`` and prints one JSON object (its headline numbers) as the last
+line of stdout. Data sets are read from ``--data-dir``, else ``$ADAPTIVE_DP_DATA``, else ``../shared/data``
+beside the repository (:func:`data_root`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DATA_ENV = "ADAPTIVE_DP_DATA"
+
+if str(REPO_ROOT) not in sys.path:  # the scripts run from a checkout, without installing the package
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes.
+
+    Options: ``--quick`` (≤ 3 min on 2 cores), ``--data-dir`` (data root), ``--out-dir`` (results folder,
+    default ``benchmarks/results``), ``--seed`` (default 0), ``--threads`` (torch intra-op threads, default 1).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small configuration: ≤ 3 minutes on 2 cores")
+    parser.add_argument("--data-dir", default=None, help=f"data root (default ${DATA_ENV}, else ../shared/data)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the .json/.md/.png go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data subsets, models and noise")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    return parser
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$ADAPTIVE_DP_DATA``, else ``../shared/data`` beside the repo.
+
+    Raises:
+        FileNotFoundError: if the folder does not exist; the message names ``--data-dir`` / ``$ADAPTIVE_DP_DATA``.
+    """
+    if data_dir is not None:
+        root = Path(data_dir)
+    elif os.environ.get(DATA_ENV):
+        root = Path(os.environ[DATA_ENV])
+    else:
+        root = REPO_ROOT.parent / "shared" / "data"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data root {root} does not exist; pass --data-dir DIR or set ${DATA_ENV} to the folder holding "
+            "mnist/ and cifar10-jpeg/"
+        )
+    return root
+
+
+def setup_torch(threads: int = 1) -> None:
+    """One intra-op thread by default (the benchmark machine has 2 cores shared by several jobs)."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    for message in ("Secure RNG turned off", "Optimal order is the", "Full backward hook is firing"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def machine_description() -> dict[str, Any]:
+    """Where the numbers were measured: CPU model, cores, torch threads, GPU (none expected), versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except ImportError:  # pragma: no cover - opacus is a hard dependency
+        opacus_version = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "platform": platform.platform(),
+    }
+
+
+def command_line() -> str:
+    """The exact command that produced the results (``python benchmarks/<script> <args>``)."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf → None, numpy scalars → Python numbers, tuples → lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON (NaN/inf written as null); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: floats with ``digits`` significant digits, None/NaN as "–"."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digits: int = 3) -> str:
+    """A GitHub Markdown table; cells formatted by :func:`fmt`."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(fmt(c, digits) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance_block(*, quick: bool, started: float, extra: dict[str, Any] | None = None) -> str:
+    """The Markdown lines every result file starts with: mode, exact command, machine, wall time."""
+    machine = machine_description()
+    gpu = machine["gpu"] or "no GPU"
+    lines = [
+        f"- **Mode:** {'QUICK (`--quick`: a small configuration, not the full benchmark)' if quick else 'full'}",
+        f"- **Command:** `{command_line()}`",
+        f"- **Machine:** {machine['cores']} cores ({machine['cpu']}), {gpu}, torch {machine['torch']} with "
+        f"{machine['torch_threads']} thread(s), opacus {machine['opacus']}, Python {machine['python']}",
+        f"- **Wall time:** {time.time() - started:.0f} s; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    ]
+    for key, value in (extra or {}).items():
+        lines.append(f"- **{key}:** {value}")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str | os.PathLike, text: str) -> Path:
+    """Write a Markdown result file; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, *, size: tuple[float, float] = (4.5, 3.6)):
+    """A matplotlib figure on the non-interactive Agg backend: ``(fig, axes)`` (axes always 2-D)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save and close a figure (PNG, 120 dpi); returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print ``summary`` as ONE JSON line (the last line of stdout); NaN/inf become null."""
+    sys.stdout.flush()
+    print(json.dumps(_clean(summary), separators=(",", ":")), flush=True)

@@ -1,0 +1,293 @@
+"""Cost of the leakage monitor, and the MI(σ) curve of each estimator.
+
+Three measurements:
+
+1. **Milliseconds per monitor call** (``LeakageMonitor.read``) for each estimator — the likelihood-ratio
+   critic and the privacy-token estimator (``token-mine``) with each token encoder — beside one opacus
+   DP-SGD training step, on the CIFAR-10 CNN (``tanh-cnn``, Papernot et al. 2021) and ResNet-20 (GroupNorm),
+   CIFAR-10 (JPEG) shapes, 64 audit examples, one step on a batch of 256 training examples.
+2. **Peak extra memory of tokenising** ResNet-20's per-sample gradients for a batch of 64 (target < 1 GiB):
+   the process's peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
+   resident memory just before the call, with the gradients already in memory.
+3. **MI(σ) curves** per estimator over a log grid of σ (nats; InfoNCE, capped at log N), and the σ at which
+   each curve reaches the floor (first σ with MI < 0.05 nats): the tanh CNN at initialisation on CIFAR-10
+   audit images (the DESIGN.md calibration setting) and the small tanh CNN trained 300 SGD steps on the 8×8
+   digits (the tests' setting, most per-example gradients below C).
+
+    python benchmarks/monitor_cost.py --quick      # ≤ 3 min on 2 cores
+    python benchmarks/monitor_cost.py              # full: more repeats, N = 256 on the curves
+
+Writes ``benchmarks/results/monitor_cost.{json,md}``; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import _common
+from _common import fmt, markdown_table
+
+NAME = "monitor_cost"
+MAX_GRAD_NORM = 1.0
+FLOOR = 0.05
+CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-mine", "autoencoder"),
+           ("token-mine", "transformer")]
+
+
+def _label(estimator: str, encoder: str | None) -> str:
+    return estimator if encoder is None else f"{estimator}/{encoder}"
+
+
+def _memory_kib() -> tuple[int, int]:
+    """(peak, current) resident memory of this process, KiB (Linux /proc)."""
+    status = Path("/proc/self/status").read_text()
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    current = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    return peak, current
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cifar(seed: int, data_dir: str | None) -> tuple[Any, Any, str]:
+    """(audit 64+, training 256) tensors of CIFAR-10 (JPEG) test images, or random ones if it is missing."""
+    import torch
+
+    from adaptive_dp.data import load_dataset
+
+    try:
+        root = _common.data_root(data_dir)
+        dataset = load_dataset("cifar10", split="test", data_dir=root)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:512].tolist()
+        xs, ys = zip(*[dataset[i] for i in order])
+        x, y = torch.stack(xs), torch.tensor(ys)
+        source = "CIFAR-10 (JPEG) test images"
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        warnings.warn(f"CIFAR-10 not available ({exc}); using random images of the same shape", stacklevel=2)
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(512, 3, 32, 32, generator=g), torch.randint(0, 10, (512,), generator=g)
+        source = "random 3×32×32 images (CIFAR-10 not found)"
+    return (x[:256], y[:256]), (x[256:], y[256:]), source
+
+
+def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> float:
+    """Median ms of one opacus DP-SGD step (forward, backward, clip, noise, update) on a batch of 256."""
+    import torch
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adaptive_dp.models import build_model
+
+    model = build_model(model_name, in_channels=3, num_classes=10, image_size=32, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(*train), batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, opt, loader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                        noise_multiplier=1.0, max_grad_norm=MAX_GRAD_NORM,
+                                                        poisson_sampling=False)
+    x, y = train
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(gsm(x), y).backward()
+        opt.step()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[1:])
+
+
+def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> list[dict[str, Any]]:
+    """Median ms per read (after one warm-up read) for each estimator / encoder, σ = 1."""
+    import torch
+
+    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.models import build_model
+
+    model = build_model(model_name, in_channels=3, num_classes=10, image_size=32, seed=seed)
+    rows = []
+    for estimator, encoder in CONFIGS:
+        start = time.perf_counter()
+        monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
+                                 token_encoder=encoder or "autoencoder", seed=seed)
+        build_ms = 1000 * (time.perf_counter() - start)
+        start = time.perf_counter()
+        monitor.clean_gradients()
+        grad_ms = 1000 * (time.perf_counter() - start)
+        monitor.read(noise_multiplier=1.0)  # warm-up (caches, first optimiser steps)
+        times = [1000 * monitor.read(noise_multiplier=1.0).seconds for _ in range(repeats)]
+        rows.append({"model": model_name, "estimator": _label(estimator, encoder), "n_audit": int(audit[0].shape[0]),
+                     "ms_per_read": statistics.median(times), "ms_per_read_min": min(times),
+                     "ms_per_sample_gradients": grad_ms, "ms_construct": build_ms,
+                     "parameters": sum(p.numel() for p in model.parameters())})
+        del monitor
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str, Any]]:
+    """Peak extra resident memory of tokenising ResNet-20's per-sample gradients for a batch of 64."""
+    import torch
+
+    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.models import build_model
+    from adaptive_dp.tokens import build_token_encoder
+
+    model = build_model("resnet20", in_channels=3, num_classes=10, image_size=32, seed=seed)
+    x, y = audit
+    grads = LeakageMonitor(model, (x[:64], y[:64]), max_grad_norm=MAX_GRAD_NORM).clean_gradients()
+    shapes = [tuple(g.shape[1:]) for g in grads]
+    total = sum(math.prod(s) for s in shapes)
+    rows = []
+    for name in ("projection", "autoencoder", "transformer"):
+        encoder = build_token_encoder(name, layer_shapes=shapes, dim=dim, seed=seed)
+        with torch.no_grad():
+            encoder(grads)  # warm-up: allocator pools, lazy kernels
+        ok = _reset_peak()
+        _, before = _memory_kib()
+        start = time.perf_counter()
+        with torch.no_grad():
+            tokens = encoder(grads)
+        ms = 1000 * (time.perf_counter() - start)
+        peak, _ = _memory_kib()
+        rows.append({"encoder": name, "batch": 64, "parameters": total, "token_dim": dim,
+                     "peak_extra_mib": (peak - before) / 1024 if ok else None, "ms": ms,
+                     "gradients_mib": sum(g.numel() for g in grads) * 4 / 2 ** 20,
+                     "dense_projection_mib": total * dim * 4 / 2 ** 20, "token_shape": list(tokens.shape)})
+    return rows
+
+
+def _curve(model, audit, *, sigmas, seed: int) -> list[dict[str, Any]]:
+    from adaptive_dp.leakage import LeakageMonitor
+
+    rows = []
+    for estimator, encoder in CONFIGS:
+        monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
+                                 token_encoder=encoder or "autoencoder", seed=seed)
+        readings = [monitor.read(noise_multiplier=s) for s in sigmas]
+        floor = next((s for s, r in zip(sigmas, readings) if r.mi < FLOOR), None)
+        rows.append({"estimator": _label(estimator, encoder), "n": readings[0].n, "cap": readings[0].cap,
+                     "mi": [r.mi for r in readings], "stderr": [r.stderr for r in readings],
+                     "mi_gap": [r.mi_gap for r in readings], "floor_sigma": floor})
+    return rows
+
+
+def _trained_digits(seed: int, steps: int = 300):
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from adaptive_dp.data import audit_split, load_dataset
+    from adaptive_dp.models import build_model
+
+    train, audit = audit_split(load_dataset("digits"), size=128, seed=seed)
+    model = build_model("small-cnn", in_channels=1, num_classes=10, image_size=8, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    return model, audit
+
+
+def main() -> None:
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    _common.setup_torch(args.threads)
+    started = time.time()
+    import torch
+
+    from adaptive_dp.models import build_model
+
+    repeats = 2 if args.quick else 5
+    train, audit_pool, source = _cifar(args.seed, args.data_dir)
+    audit64 = (audit_pool[0][:64], audit_pool[1][:64])
+
+    cost_rows, step_ms = [], {}
+    for model_name in ("tanh-cnn", "resnet20"):
+        step_ms[model_name] = _time_dp_step(model_name, train, seed=args.seed, repeats=repeats)
+        cost_rows += _time_monitor(model_name, audit64, seed=args.seed, repeats=repeats)
+    for row in cost_rows:
+        row["dp_step_ms"] = step_ms[row["model"]]
+        row["reads_per_step_cost"] = row["ms_per_read"] / step_ms[row["model"]]
+    memory_rows = _tokenise_memory(audit64, seed=args.seed)
+
+    sigmas = [0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0]
+    n_curve = 64 if args.quick else 256
+    cifar_model = build_model("tanh-cnn", in_channels=3, num_classes=10, image_size=32, seed=args.seed)
+    curves = {f"cifar10/tanh-cnn@init/N={n_curve}": _curve(
+        cifar_model, (audit_pool[0][:n_curve], audit_pool[1][:n_curve]), sigmas=sigmas, seed=args.seed)}
+    digits_sigmas = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.7, 1.5, 4.0]
+    digits_model, digits_audit = _trained_digits(args.seed)
+    curves["digits/small-cnn@300-steps/N=128"] = _curve(digits_model, digits_audit, sigmas=digits_sigmas,
+                                                        seed=args.seed)
+    del torch
+
+    payload = {
+        "name": NAME, "quick": bool(args.quick), "seed": args.seed, "data": source,
+        "machine": _common.machine_description(), "command": _common.command_line(),
+        "max_grad_norm": MAX_GRAD_NORM, "floor_nats": FLOOR,
+        "cost": cost_rows, "tokenise_memory": memory_rows,
+        "curves": {k: {"sigmas": sigmas if k.startswith("cifar") else digits_sigmas, "rows": v}
+                   for k, v in curves.items()},
+        "seconds": time.time() - started,
+    }
+    out = Path(args.out_dir)
+    _common.write_json(out / f"{NAME}.json", payload)
+
+    md = ["# Leakage monitor: cost per call and MI(σ) curves\n",
+          _common.provenance_block(quick=args.quick, started=started, extra={"Data": source}), "",
+          "## Milliseconds per monitor call vs one DP-SGD step",
+          "64 audit examples, σ = 1, C = 1; DP-SGD step = opacus forward + backward + clip + noise + update on "
+          "a batch of 256. `grads` = the audit per-sample gradients alone (torch.func on a hook-free copy).", "",
+          markdown_table(["model", "estimator", "ms / read", "ms grads", "DP step ms", "read / step"],
+                         [[r["model"], r["estimator"], r["ms_per_read"], r["ms_per_sample_gradients"],
+                           r["dp_step_ms"], r["reads_per_step_cost"]] for r in cost_rows]), "",
+          "## Peak extra memory of tokenising ResNet-20 per-sample gradients (batch 64, d = 64)",
+          "Peak resident memory during `encoder(grads)` minus resident memory before (gradients already held). "
+          "Target < 1 GiB; a dense P×d projection matrix would need the last column.", "",
+          markdown_table(["encoder", "P", "peak extra MiB", "ms", "gradients MiB", "dense P×d MiB"],
+                         [[r["encoder"], r["parameters"], r["peak_extra_mib"], r["ms"], r["gradients_mib"],
+                           r["dense_projection_mib"]] for r in memory_rows]), "",
+          "## MI(σ) curves (nats; one reading per σ, ± standard error; floor = first σ with MI < 0.05)", ""]
+    for key, curve in payload["curves"].items():
+        md.append(f"### {key}\n")
+        header = ["estimator", *[f"σ={s:g}" for s in curve["sigmas"]], "floor σ"]
+        rows = [[r["estimator"], *[f"{m:.3f}±{e:.3f}" for m, e in zip(r["mi"], r["stderr"])],
+                 fmt(r["floor_sigma"])] for r in curve["rows"]]
+        md += [markdown_table(header, rows), ""]
+    _common.write_markdown(out / f"{NAME}.md", "\n".join(md))
+
+    headline = {
+        "name": NAME, "quick": bool(args.quick),
+        "ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["ms_per_read"], 1) for r in cost_rows},
+        "dp_step_ms": {k: round(v, 1) for k, v in step_ms.items()},
+        "tokenise_peak_extra_mib": {r["encoder"]: None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
+                                    for r in memory_rows},
+        "floor_sigma": {f"{k}/{r['estimator']}": r["floor_sigma"] for k, c in curves.items() for r in c},
+        "seconds": round(time.time() - started, 1),
+    }
+    print(json.dumps(_common._clean(headline)))
+
+
+if __name__ == "__main__":
+    main()

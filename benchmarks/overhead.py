@@ -1,0 +1,190 @@
+"""Training-step overhead of AdaptivePrivacyEngine against opacus' PrivacyEngine.
+
+Four set-ups of the same model (same initial weights, same batch of 256 CIFAR-10-shaped examples per step):
+
+* ``nonprivate`` — plain PyTorch SGD;
+* ``opacus`` — ``opacus.PrivacyEngine`` (per-sample gradients, clipping, noise, accountant hook);
+* ``ours_every10`` — ``AdaptivePrivacyEngine`` with a PID controller, a 0.5-nat ceiling and the
+  likelihood-ratio monitor on 64 audit examples, reading every 10 steps (the default);
+* ``ours_every1`` — the same, reading before every step.
+
+Steps are timed in blocks of 10 (so ``ours_every10`` pays exactly one reading per block); the blocks of the
+four set-ups are interleaved (round robin, rotating the order each repetition) so that machine load drifts
+hit all of them alike, and the median seconds per step over repetitions is reported. Ratios are against
+opacus: ``ratio_default`` = ours_every10 / opacus (target ≤ 1.05), ``ratio_every_step`` = ours_every1 / opacus
+(target ≤ 1.5); the top-level values are the worst over the models.
+
+Usage::
+
+    python benchmarks/overhead.py            # small-cnn and resnet20, 7 repetitions
+    python benchmarks/overhead.py --quick    # small-cnn only, 3 repetitions
+
+Writes ``benchmarks/results/overhead.json`` and ``overhead.md`` (``--out`` to change the folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adaptive_dp.engine import AdaptivePrivacyEngine
+from adaptive_dp.models import build_model
+
+SETUPS = ("nonprivate", "opacus", "ours_every10", "ours_every1")
+BATCH = 256
+AUDIT = 64
+BLOCK = 10
+TARGETS = {"ratio_default": 1.05, "ratio_every_step": 1.5}
+
+
+def _data(device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+    audit = (torch.randn(AUDIT, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (AUDIT,), generator=g).to(device))
+    # the loader only fixes q = 1/8 and the expected batch size; the timed steps reuse one batch
+    loader = DataLoader(TensorDataset(torch.randn(8 * BATCH, 3, 32, 32), torch.randint(0, 10, (8 * BATCH,))),
+                        batch_size=BATCH)
+    return x, y, audit, loader
+
+
+def _make(setup: str, base: nn.Module, loader: DataLoader, audit) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if setup == "nonprivate":
+        return model, optimizer
+    common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    if setup == "opacus":
+        model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(**common)
+        return model, optimizer
+    every = 10 if setup == "ours_every10" else 1
+    model, optimizer, _ = AdaptivePrivacyEngine().make_private(
+        **common, target_mi=0.5, controller="pid", audit_data=audit, monitor_every=every,
+        sigma_min=0.3, sigma_max=20.0,
+    )
+    return model, optimizer
+
+
+def _block(model, optimizer, x, y, device) -> float:
+    criterion = nn.CrossEntropyLoss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(BLOCK):
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / BLOCK
+
+
+def bench_model(name: str, *, reps: int, device: torch.device) -> dict:
+    """Median seconds per step of the four set-ups for one model, and the ratios against opacus."""
+    x, y, audit, loader = _data(device)
+    base = build_model(name, in_channels=3, num_classes=10, image_size=32, seed=0).to(device)
+    built = {s: _make(s, base, loader, audit) for s in SETUPS}
+    for s in SETUPS:  # warm-up block (allocator, first hook calls)
+        _block(*built[s], x, y, device)
+    times: dict[str, list[float]] = {s: [] for s in SETUPS}
+    for rep in range(reps):
+        order = SETUPS[rep % len(SETUPS):] + SETUPS[: rep % len(SETUPS)]
+        for s in order:
+            times[s].append(_block(*built[s], x, y, device))
+        print(f"  {name} rep {rep + 1}/{reps}: " + ", ".join(f"{s} {times[s][-1] * 1e3:.1f} ms" for s in SETUPS),
+              flush=True)
+    median = {s: statistics.median(v) for s, v in times.items()}
+    return {
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "seconds_per_step_median": median,
+        "seconds_per_step_all": times,
+        "opacus_over_nonprivate": median["opacus"] / median["nonprivate"],
+        "ratio_default": median["ours_every10"] / median["opacus"],
+        "ratio_every_step": median["ours_every1"] / median["opacus"],
+    }
+
+
+def _markdown(result: dict) -> str:
+    lines = [
+        "# Training-step overhead: AdaptivePrivacyEngine vs opacus PrivacyEngine",
+        "",
+        f"Device: {result['device']} ({result['torch_threads']} torch threads); batch {BATCH} CIFAR-10-shaped "
+        f"examples, {AUDIT} audit examples, likelihood-ratio monitor + PID; {result['reps']} interleaved "
+        f"repetitions of {BLOCK}-step blocks, medians. Command: `{result['command']}`.",
+        "",
+        "| model | params | non-private ms/step | opacus ms/step | ours (every 10) ms/step | ours (every step) "
+        "ms/step | ratio default (≤ 1.05) | ratio every step (≤ 1.5) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in result["models"].items():
+        m = r["seconds_per_step_median"]
+        lines.append(
+            f"| {name} | {r['parameters']:,} | {m['nonprivate'] * 1e3:.1f} | {m['opacus'] * 1e3:.1f} | "
+            f"{m['ours_every10'] * 1e3:.1f} | {m['ours_every1'] * 1e3:.1f} | {r['ratio_default']:.3f} | "
+            f"{r['ratio_every_step']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Worst over models: ratio_default = {result['ratio_default']:.3f} (target ≤ {TARGETS['ratio_default']}), "
+        f"ratio_every_step = {result['ratio_every_step']:.3f} (target ≤ {TARGETS['ratio_every_step']}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small-cnn only, 3 repetitions")
+    parser.add_argument("--models", nargs="+", default=None, help="models to time (default small-cnn resnet20)")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = args.models or (["small-cnn"] if args.quick else ["small-cnn", "resnet20"])
+    reps = args.reps or (3 if args.quick else 7)
+    command = "python benchmarks/overhead.py" + (" --quick" if args.quick else "")
+    if args.models:
+        command += " --models " + " ".join(args.models)
+    if args.reps:
+        command += f" --reps {args.reps}"
+    results = {name: bench_model(name, reps=reps, device=device) for name in models}
+    result = {
+        "command": command,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "batch_size": BATCH,
+        "audit_size": AUDIT,
+        "block_steps": BLOCK,
+        "reps": reps,
+        "targets": TARGETS,
+        "models": results,
+        "ratio_default": max(r["ratio_default"] for r in results.values()),
+        "ratio_every_step": max(r["ratio_every_step"] for r in results.values()),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "overhead.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Smoke tests of the validation benchmarks (benchmarks/leakage_validity.py, benchmarks/policies.py).
+
+They import each script and run its core function on a minimal configuration on scikit-learn's 8×8 digits
+(offline, no data root needed) — NOT the benchmark itself — and check the results against independent
+truths: opacus' own RDP accountant for the rescaled schedules, the Rényi filter's guarantee, and the monotone
+effect of σ on a real attack.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from contextlib import redirect_stdout
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import _common  # noqa: E402
+import leakage_validity  # noqa: E402
+import policies  # noqa: E402
+
+
+def test_print_summary_is_one_json_line_with_nan_as_null():
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        print("progress line")
+        _common.print_summary({"rho": float("nan"), "nested": {"x": (1.5, float("inf"))}})
+    last = buffer.getvalue().strip().splitlines()[-1]
+    assert json.loads(last) == {"rho": None, "nested": {"x": [1.5, None]}}
+
+
+def test_data_root_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        _common.data_root(tmp_path / "missing")
+
+
+def test_spearman_ties_and_constant_sides():
+    assert leakage_validity.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    # ties at a cap get average ranks: still a perfect monotone relation
+    assert leakage_validity.spearman([1, 2, 3, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+    assert leakage_validity.spearman([1, 1, 1, 1], [1, 2, 3, 4]) is None
+
+
+def test_leakage_validity_core_on_digits():
+    config = replace(
+        leakage_validity.QUICK, sigmas=(1e-3, 0.3, 3.0), stage_epochs=(0, 1), n_audit=12, n_attack=2, n_train=128,
+        lr_draws=1, id_trials=2, token_encoders=("projection",), token_reads=1, dlg_iterations=3,
+        ig_iterations=3, i2f_probes=2,
+    )
+    out = leakage_validity.run_dataset("digits", config=config, progress=False)
+    assert {st["model"] for st in out["stages"]} == {"small-cnn", "lenet"}
+    assert len(out["points"]) == 2 * 2 * 3
+    for st in out["stages"]:
+        lr = st["meters"]["likelihood-ratio"]
+        assert lr[0] > lr[-1]  # more noise, less measured leakage
+        assert max(lr) <= st["cap"] + 1e-9  # InfoNCE never exceeds log N
+        assert st["identification"][0] >= st["identification"][-1]
+    corr = out["correlations"]
+    assert corr["sigma"]["likelihood-ratio"] < 0
+    assert corr["identification"]["likelihood-ratio"] > 0.5  # the LR meter tracks the identification attack
+    head = leakage_validity.headline({"digits": out})
+    for key in ("spearman_mi_identification", "spearman_mi_psnr", "spearman_i2f_psnr", "spearman_mi_sigma",
+                "recommended_estimator"):
+        assert key in head
+    assert head["recommended_estimator"] in out["meters"]
+
+
+def test_rescaled_schedule_spends_the_budget_per_opacus():
+    from opacus.accountants import RDPAccountant
+
+    q, steps, target = 0.05, 60, 3.0
+    s0 = policies.rescale_schedule("exponential", target_epsilon=target, sample_rate=q, total_steps=steps)
+    sigmas = policies.schedule_sigmas("exponential", sigma_start=s0, total_steps=steps)
+    assert sigmas[0] == pytest.approx(s0) and sigmas[-1] < sigmas[0]
+    acc = RDPAccountant()
+    for s in sigmas:
+        acc.history.append((float(s), q, 1))
+    assert acc.get_epsilon(delta=policies.DELTA) == pytest.approx(target, rel=1e-3)
+
+
+def test_policies_core_on_digits():
+    config = replace(policies.QUICK, epsilons=(3.0,), epochs=1, n_train=384, n_audit=16, n_test=200,
+                     budget_policies=("uniform", "linear", "pid"), ceiling_policies=("capacity", "threshold"),
+                     attack_iterations=2, id_trials=1)
+    out = policies.run_dataset("digits", config=config, progress=False)
+    budget = {r["policy"]: r for r in out["budget"]}
+    assert budget["uniform"]["odometer_epsilon"] <= 3.0 + 1e-2
+    assert budget["linear"]["odometer_epsilon"] == pytest.approx(3.0, rel=1e-2)  # rescaled to spend it all
+    assert budget["pid"]["guarantee_epsilon"] == pytest.approx(3.0)
+    assert budget["pid"]["odometer_epsilon"] <= 3.0 + 1e-6  # the Rényi filter never overspends
+    ceiling = {r["policy"]: r for r in out["ceiling"]}
+    assert out["ceiling_info"]["sigma_capacity"] == pytest.approx(1 / math.sqrt(2 * config.ceiling))
+    assert ceiling["capacity"]["max_mi"] <= config.ceiling + 0.05  # the capacity bound holds (up to noise)
+    assert ceiling["threshold"]["guarantee_epsilon"] is None
+    for row in out["budget"] + out["ceiling"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["steps"] > 0 and row["readings"] >= 1
