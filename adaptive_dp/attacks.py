@@ -50,6 +50,16 @@ __all__ = [
     "with_normalization",
 ]
 
+#: Default L-BFGS iterations of DLG/iDLG. Zhu et al.'s reference code makes 300 ``LBFGS.step`` calls of up to
+#: 20 iterations each; on CIFAR-10 with the LeNet at init, 300 single iterations leave ~11 dB and 2000 reach
+#: ~29 dB median PSNR (σ = 0, C = 1), so the default is 2000 (runs stop earlier on a plateau).
+DLG_ITERATIONS = 2000
+
+#: DLG/iDLG stop once the matching loss has not improved by ``PLATEAU_RTOL`` (relative) for
+#: ``PLATEAU_PATIENCE`` L-BFGS iterations (a noisy release has a loss floor ≈ σ²C²P; a stalled start too).
+PLATEAU_PATIENCE = 100
+PLATEAU_RTOL = 1e-4
+
 #: Opacus adds this to the per-sample norm before dividing (``optimizers/optimizer.py``); we match it.
 CLIP_EPS = 1e-6
 
@@ -382,7 +392,11 @@ def _lbfgs_matching(
     progress: bool,
     desc: str,
 ) -> tuple[Tensor, Tensor, float, int]:
-    """L-BFGS on ‖Σ clip(g(dummy)) − released‖² (Zhu et al. 2019, Algorithm 1); keeps the best iterate."""
+    """L-BFGS on ‖Σ clip(g(dummy)) − released‖² (Zhu et al. 2019, Algorithm 1); keeps the best iterate.
+
+    Stops early on a plateau (:data:`PLATEAU_PATIENCE`, :data:`PLATEAU_RTOL`). Returns (image, label
+    logits, loss, iterations run).
+    """
     variables = [dummy] + ([label_param] if label_param is not None else [])
     optimizer = torch.optim.LBFGS(variables, lr=lr, max_iter=1, history_size=100)
     best = (float("inf"), dummy.detach().clone(), None if label_param is None else label_param.detach().clone())
@@ -396,7 +410,7 @@ def _lbfgs_matching(
         loss.backward()
         return loss
 
-    done = 0
+    done, reference, stalled = 0, float("inf"), 0
     for _ in _progress(range(iterations), enabled=progress, desc=desc):
         loss = optimizer.step(closure)
         done += 1
@@ -405,7 +419,11 @@ def _lbfgs_matching(
             break
         if value < best[0]:
             best = (value, dummy.detach().clone(), None if label_param is None else label_param.detach().clone())
-        if value == 0.0:
+        if value < reference * (1 - PLATEAU_RTOL):
+            reference, stalled = value, 0
+        else:
+            stalled += 1
+        if value == 0.0 or stalled >= PLATEAU_PATIENCE:
             break
     # the step's loss is evaluated before its update: score the final iterate too
     with torch.no_grad():
@@ -423,7 +441,7 @@ def dlg(
     image_shape: Sequence[int],
     max_grad_norm: float | None,
     batch_size: int = 1,
-    iterations: int = 300,
+    iterations: int = DLG_ITERATIONS,
     lr: float = 1.0,
     restarts: int = 1,
     seed: int = 0,
@@ -442,7 +460,8 @@ def dlg(
         image_shape: (C, H, W) of one image.
         max_grad_norm: the clipping norm C used for the release (None: unclipped).
         batch_size: number of images B behind the released sum.
-        iterations: L-BFGS iterations (one function evaluation each; DLG uses 300).
+        iterations: at most this many L-BFGS iterations per restart (one function evaluation each; see
+            :data:`DLG_ITERATIONS`); a run stops early once the loss plateaus.
         lr: L-BFGS step size (DLG: 1).
         restarts: independent dummy initialisations (DLG: 1); the lowest matching loss wins. L-BFGS from a
             bad start can stall in a local minimum, which a restart usually escapes.
@@ -465,7 +484,7 @@ def idlg(
     *,
     image_shape: Sequence[int],
     max_grad_norm: float | None,
-    iterations: int = 300,
+    iterations: int = DLG_ITERATIONS,
     lr: float = 1.0,
     restarts: int = 1,
     seed: int = 0,
@@ -514,7 +533,7 @@ def _dlg(model, released, *, image_shape, max_grad_norm, batch_size, iterations,
     num_classes = _num_classes(model, torch.zeros(1, c, h, w, device=device))
     fn = gradient_function(model, max_grad_norm=max_grad_norm)
     released = released.detach()
-    best = None
+    best, total = None, 0
     for r in range(restarts):
         gen = torch.Generator(device="cpu").manual_seed(seed + r)
         dummy = torch.rand(batch_size, c, h, w, generator=gen).to(device).requires_grad_(True)
@@ -525,11 +544,12 @@ def _dlg(model, released, *, image_shape, max_grad_norm, batch_size, iterations,
             label_param, fixed = None, F.one_hot(labels.to(device), num_classes).to(torch.float32)
         run = _lbfgs_matching(fn, released, dummy, label_param, fixed, iterations=iterations, lr=lr,
                               progress=progress, desc=f"{desc} restart {r + 1}/{restarts}")
+        total += run[3]
         if best is None or run[2] < best[2]:
             best = run
     image, label_logits, loss, _ = best
     out_labels = labels.to(device) if labels is not None else label_logits.argmax(dim=-1)
-    return AttackResult(image.clamp(0.0, 1.0), out_labels, loss, iterations * restarts, time.perf_counter() - start)
+    return AttackResult(image.clamp(0.0, 1.0), out_labels, loss, total, time.perf_counter() - start)
 
 
 def _check_restarts(restarts: int) -> None:

@@ -131,6 +131,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         sigma_max: float | None = None,
         sigma_end: float | None = None,
         total_steps: int | None = None,
+        epochs: int | None = None,
         target_delta: float | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         seed: int = 0,
@@ -165,6 +166,8 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             sigma_end: end value of open-loop schedules (σ runs from ``noise_multiplier`` to it).
             total_steps: planned optimizer steps, for schedules (``make_private_with_epsilon`` sets it
                 from ``epochs``).
+            epochs: alternative to ``total_steps``: planned epochs over the (carved) training loader,
+                total_steps = epochs / q (no budget is set; only schedules use it).
             target_delta: δ of the per-step odometer ε in :attr:`history` (default 1e-5).
             checkpoint_path: where to save the state before raising ``PrivacyBudgetExhausted``.
             seed: seed of the monitor (and of an ``audit_fraction`` split).
@@ -185,8 +188,9 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             rand_on_empty=rand_on_empty, target_mi=target_mi, controller=controller, estimator=estimator,
             token_encoder=token_encoder, audit_data=audit_data, audit_fraction=audit_fraction,
             monitor_every=monitor_every, sigma_min=sigma_min, sigma_max=sigma_max, sigma_end=sigma_end,
-            total_steps=total_steps, target_delta=target_delta, checkpoint_path=checkpoint_path, seed=seed,
-            controller_options=controller_options, monitor_options=monitor_options, budget=None, **kwargs,
+            total_steps=total_steps, epochs=epochs, target_delta=target_delta, checkpoint_path=checkpoint_path,
+            seed=seed, controller_options=controller_options, monitor_options=monitor_options, budget=None,
+            **kwargs,
         )
 
     def make_private_with_epsilon(
@@ -254,7 +258,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, wrap_model=wrap_model,
             target_mi=target_mi, controller=controller, estimator=estimator, token_encoder=token_encoder,
             audit_data=audit_data, audit_fraction=audit_fraction, monitor_every=monitor_every,
-            sigma_min=sigma_min, sigma_max=sigma_max, sigma_end=sigma_end, total_steps=None,
+            sigma_min=sigma_min, sigma_max=sigma_max, sigma_end=sigma_end, total_steps=None, epochs=None,
             target_delta=target_delta, checkpoint_path=checkpoint_path, seed=seed,
             controller_options=controller_options, monitor_options=monitor_options,
             budget=(float(target_epsilon), float(target_delta), epochs), **kwargs,
@@ -263,7 +267,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
     def _make_private(
         self, *, module, optimizer, criterion, data_loader, noise_multiplier, max_grad_norm, clipping,
         grad_sample_mode, wrap_model, target_mi, controller, estimator, token_encoder, audit_data,
-        audit_fraction, monitor_every, sigma_min, sigma_max, sigma_end, total_steps, target_delta,
+        audit_fraction, monitor_every, sigma_min, sigma_max, sigma_end, total_steps, epochs, target_delta,
         checkpoint_path, seed, controller_options, monitor_options, budget, **opacus_kwargs,
     ):
         self._check_settings(
@@ -288,7 +292,9 @@ class AdaptivePrivacyEngine(PrivacyEngine):
 
         # 2. The starting σ (opacus' get_noise_multiplier under a budget) and the planned steps.
         sample_rate = 1 / len(data_loader)
-        planned_steps = total_steps
+        if total_steps is not None and epochs is not None:
+            raise ValueError("pass either total_steps or epochs, not both")
+        planned_steps = int(epochs / sample_rate) if epochs is not None else total_steps
         if budget is not None:
             target_epsilon, budget_delta, epochs = budget
             planned_steps = int(epochs / sample_rate)
@@ -314,6 +320,11 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             initial=float(noise_multiplier), total_steps=planned_steps, options=controller_options,
             budget=budget,
         )
+        if self.target_mi is not None and audit is None:  # a feedback controller instance, no audit data
+            raise ValueError(
+                f"the controller steers leakage to target {self.target_mi} nats but there is no audit data to "
+                "measure it on: pass audit_data=<public or held-out examples> or audit_fraction=0.02"
+            )
         if clipping == "adaptive" and self.controller is not None:
             limit = 2 * float(opacus_kwargs.get("unclipped_num_std", math.inf))
             if self.sigma_max >= limit:

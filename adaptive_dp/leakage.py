@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptive_dp.features import FeatureExtractor
-from adaptive_dp.mine import MIEstimate, likelihood_ratio_mi
+from adaptive_dp.mine import MIEstimate, likelihood_ratio_mi, mine_loss
 from adaptive_dp.tokens import TOKEN_ENCODERS, TokenEncoder, build_token_encoder
 
 __all__ = [
@@ -352,21 +352,34 @@ def _estimate_from_scores(scores: Tensor, method: str) -> MIEstimate:
 
 
 class TokenMINEEstimator:
-    """Learned privacy-token estimator (InfoNCE-trained :class:`TokenCritic` over token pairs).
+    """Learned privacy-token estimator: a :class:`TokenCritic` over (noisy token, candidate token + features).
 
-    Per reading: ``train_draws`` independent noise draws of the audit gradients are reduced by the token
-    encoder's fixed stage, pushed into a replay buffer (the last ``replay_size`` draws), the encoder (if
-    trainable) takes ``encoder_steps`` denoising steps and the critic ``critic_steps`` InfoNCE steps on
-    buffer draws (only draws taken within ``sigma_tolerance`` of the current σ are kept); then the MI is reported on one *fresh* draw the critic never saw (held-out pairs),
-    InfoNCE over its N×N scores, capped at log N.
+    Per reading:
+
+    1. the audit examples' clipped gradients are reduced by the token encoder's fixed stage
+       (:meth:`TokenEncoder.reduce`, linear) and pushed, with their data features and σ, into a replay
+       buffer of the last ``replay_size`` readings (only readings within ``sigma_tolerance`` of the current σ
+       are kept: a critic tuned to another σ is over- or under-confident);
+    2. noisy training pairs are drawn *in the sketch space*: reduce(g + N(0, σ²I)) = reduce(g) + σ·L ε with
+       LLᵀ = :meth:`TokenEncoder.noise_covariance` — the exact distribution, fresh every update, so the
+       critic cannot memorise noise; a trainable encoder takes ``encoder_steps`` denoising steps, the critic
+       ``critic_steps`` steps on replayed pairs (objective ``"infonce"``, or ``"mine"``: the DV bound with
+       MINE's moving-average (EMA) gradient correction, :func:`adaptive_dp.mine.mine_loss`);
+    3. the temperature τ is calibrated on fresh training draws;
+    4. the reported MI is InfoNCE over the N×N scores of one fresh draw of the *real* noisy gradients, never
+       trained on (held-out pairs), in nats, capped at log N — comparable with the likelihood-ratio reading.
 
     Args:
         layer_shapes: trainable-parameter shapes; feature_dim: data-feature size; device: where to live.
         token_encoder: a ``TOKEN_ENCODERS`` name or a :class:`TokenEncoder` instance.
-        token_dim: token size d; seed: seeds the encoder/critic initialisation (global RNG untouched).
-        train_draws, replay_size, encoder_steps, critic_steps, lr: training schedule (see above).
+        token_dim: token size d; seed: seeds the encoder/critic initialisation and the noise of the
+            training draws (the global RNG is never used).
+        train_draws: noise draws per encoder step; replay_size, encoder_steps, critic_steps, lr,
+        sigma_tolerance: the schedule above; objective: ``"infonce"`` (default) or ``"mine"``;
+        ema_decay: MINE's EMA weight.
 
-    Source: Meng et al. 2025 (privacy tokens + MINE); InfoNCE (van den Oord et al. 2018).
+    Source: Meng et al. 2025 (privacy tokens, MI between data and gradient embeddings); Belghazi et al.
+    2018 (MINE, EMA correction); van den Oord et al. 2018 (InfoNCE).
     """
 
     name = "token-mine"
@@ -374,7 +387,13 @@ class TokenMINEEstimator:
     def __init__(self, *, layer_shapes: Sequence[Sequence[int]], feature_dim: int, device: torch.device,
                  token_encoder: str | TokenEncoder = "autoencoder", token_dim: int = 64, seed: int = 0,
                  train_draws: int = 2, replay_size: int = 8, encoder_steps: int = 5, critic_steps: int = 10,
-                 lr: float = 1e-3, sigma_tolerance: float = 0.25, **_: Any) -> None:
+                 lr: float = 1e-3, sigma_tolerance: float = 0.25, objective: str = "infonce",
+                 ema_decay: float = 0.99, **_: Any) -> None:
+        if objective not in ("infonce", "mine"):
+            raise ValueError(f"objective must be 'infonce' or 'mine', got {objective!r}")
+        self.objective = objective
+        self.ema_decay = float(ema_decay)
+        self.log_ema: Tensor | None = None
         with torch.random.fork_rng(devices=[]):
             if isinstance(token_encoder, TokenEncoder):
                 encoder = token_encoder
@@ -403,23 +422,29 @@ class TokenMINEEstimator:
         return self.critic(self._tokens(z_noisy), self._tokens(z_clean), f, noise_var)
 
     def _noise_factor(self) -> Tensor:
-        """Cholesky factor L of the sketch-space noise covariance (unit σ), cached."""
+        """Factor of the sketch-space noise covariance (unit σ), cached: a vector of standard deviations
+        when the covariance is diagonal (count sketch, kept layers), else its Cholesky factor L."""
         if self._chol is None:
             cov = self.encoder.noise_covariance(self.device)
-            jitter = 1e-9 * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-            self._chol = torch.linalg.cholesky(cov + jitter).float()
+            if torch.count_nonzero(cov - torch.diag(cov.diagonal())) == 0:
+                self._chol = cov.diagonal().sqrt().float()
+            else:
+                jitter = 1e-9 * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype,
+                                                                          device=cov.device)
+                self._chol = torch.linalg.cholesky(cov + jitter).float()
         return self._chol
 
     def _sketch_noise(self, z_clean: Tensor, sigma: float) -> Tensor:
         """A noisy sketch: z_clean + σ·L ε, the sketch of (clean + N(0, σ²I_P)) in distribution."""
-        chol = self._noise_factor()
+        factor = self._noise_factor()
         eps = torch.randn(z_clean.shape, generator=self._generator, device=z_clean.device, dtype=z_clean.dtype)
-        return z_clean + sigma * eps @ chol.T
+        return z_clean + sigma * (eps * factor if factor.dim() == 1 else eps @ factor.T)
 
     def _noise_model(self, z_clean: Tensor, sigma: float) -> TokenNoiseModel:
         if not self.encoder.trainable:  # encode() is the identity: the token noise is N(0, σ² cov) exactly
-            cov = self._noise_factor().double()
-            return TokenNoiseModel(covariance=(sigma * sigma) * (cov @ cov.T))
+            factor = self._noise_factor().double()
+            cov = torch.diag(factor ** 2) if factor.dim() == 1 else factor @ factor.T
+            return TokenNoiseModel(covariance=(sigma * sigma) * cov)
         draws = max(1, -(-16 * self.encoder.dim // z_clean.shape[0]))  # ≥ 16·d samples of the token noise
         with torch.no_grad():
             zc = z_clean.repeat(draws, 1)
@@ -475,7 +500,12 @@ class TokenMINEEstimator:
                 if zc.shape != z_clean.shape or fb.shape != f.shape:
                     zc, fb = z_clean, f
                 scores = self._scores(self._sketch_noise(zc, sigma), zc, fb, self.noise_model)
-                loss = -_infonce_terms(scores).mean()
+                if self.objective == "mine":
+                    off = scores[~torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)]
+                    loss, self.log_ema = mine_loss(scores.diagonal(), off, log_ema=self.log_ema,
+                                                   ema_decay=self.ema_decay)
+                else:
+                    loss = -_infonce_terms(scores).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -496,6 +526,7 @@ class TokenMINEEstimator:
             "noise_model": None if self.noise_model is None else self.noise_model.state_dict(),
             "sampler": self._sampler.get_state(),
             "generator": self._generator.get_state(),
+            "log_ema": None if self.log_ema is None else self.log_ema.detach().cpu(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -512,6 +543,8 @@ class TokenMINEEstimator:
         self.noise_model = None if nv is None else TokenNoiseModel.from_state(nv, self.device)
         self._sampler.set_state(state["sampler"])
         self._generator.set_state(state["generator"])
+        ema = state.get("log_ema")
+        self.log_ema = None if ema is None else ema.to(self.device)
 
 
 #: Leakage estimators by name.

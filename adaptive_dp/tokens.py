@@ -9,8 +9,8 @@ per parameter — and return tokens ``[B, dim]``:
 - ``"projection"`` — a seeded Johnson–Lindenstrauss random projection of the whole gradient, generated
   layer by layer and chunk by chunk from a seeded ``torch.Generator`` so that no dense ``P × dim`` matrix
   ever exists (``P`` can be millions); training-free, deterministic for a seed on a given device type.
-- ``"autoencoder"`` — per-layer chunks (each layer sketched to at most ``layer_dim`` numbers, small
-  layers kept exactly) → MLP encoder → token, with a linear decoder; trained online as a *denoising*
+- ``"autoencoder"`` — per-layer chunks (each layer count-sketched to at most ``layer_dim`` numbers,
+  small layers kept exactly) → MLP encoder → token, with a linear decoder; trained online as a *denoising*
   autoencoder (input: the noisy audit gradient at the current σ; target: the clean clipped gradient), so
   the token keeps what survives the noise.
 - ``"transformer"`` — each layer chunk becomes one element of a short sequence (plus a learned layer
@@ -249,31 +249,54 @@ class ProjectionTokenEncoder(TokenEncoder):
 class LayerSketch(nn.Module):
     """Fixed per-layer reduction: each layer → at most ``layer_dim`` numbers (exact when it is smaller).
 
-    Layers with P_l ≤ ``layer_dim`` are kept as they are; larger ones are projected to ``layer_dim``
-    numbers with :func:`chunked_gaussian_projection` (norm-preserving in expectation).
+    Layers with P_l ≤ ``layer_dim`` are kept as they are. Larger ones are sketched to ``layer_dim`` numbers:
+
+    - ``method="countsketch"`` (default): coordinate i goes to bucket h(i) with sign s(i), both seeded
+      (Charikar et al. 2002; the sparse Johnson–Lindenstrauss transform): O(P) time, P integers of state,
+      and the sketch of N(0, I) noise has the exact diagonal covariance diag(bucket sizes);
+    - ``method="gaussian"``: :func:`chunked_gaussian_projection` (dense JL, regenerated chunk by chunk).
+
+    Both preserve squared norms in expectation.
 
     Args:
         layer_shapes: parameter shapes.
         layer_dim: the largest chunk size kept per layer.
-        seed: seed of the projections.
+        seed: seed of the sketches.
+        method: ``"countsketch"`` or ``"gaussian"``.
 
     Attributes:
         sizes: the number of outputs per layer.
     """
 
     def __init__(self, *, layer_shapes: Sequence[Sequence[int]], layer_dim: int = 64, seed: int = 0,
-                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+                 method: str = "countsketch", max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         super().__init__()
+        if method not in ("countsketch", "gaussian"):
+            raise ValueError(f"method must be 'countsketch' or 'gaussian', got {method!r}")
+        if layer_dim < 1:
+            raise ValueError(f"layer_dim must be >= 1, got {layer_dim}")
         self.layer_shapes = _validate_layer_shapes(layer_shapes)
         self.layer_dim = int(layer_dim)
+        self.method = method
         self.register_buffer("projection_seed", torch.tensor(int(seed), dtype=torch.long))
         self.max_chunk_elements = int(max_chunk_elements)
         self.sizes = [min(math.prod(s), self.layer_dim) for s in self.layer_shapes]
+        self._hashes: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @property
     def seed(self) -> int:
         """The seed of the per-layer projections (restored by ``load_state_dict``)."""
         return int(self.projection_seed)
+
+    def _hash(self, layer: int, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(bucket [P_l] long, sign [P_l] float) of one layer; generated on the CPU (same on every device)."""
+        key = (layer, self.seed, str(device))
+        if key not in self._hashes:
+            g = torch.Generator().manual_seed(_mixed_seed(self.seed, 2_000 + layer))
+            bucket = torch.randint(self.layer_dim, (size,), generator=g)
+            sign = torch.randint(2, (size,), generator=g).float().mul_(2).sub_(1)
+            self._hashes[key] = (bucket.to(device), sign.to(device))
+        return self._hashes[key]
 
     def forward(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """Per-layer sketches, a list of [B, sizes[l]] tensors."""
@@ -282,6 +305,10 @@ class LayerSketch(nn.Module):
             flat = g.reshape(g.shape[0], -1)
             if flat.shape[1] <= self.layer_dim:
                 out.append(flat)
+            elif self.method == "countsketch":
+                bucket, sign = self._hash(layer, flat.shape[1], flat.device)
+                sketch = flat.new_zeros(flat.shape[0], self.layer_dim)
+                out.append(sketch.index_add_(1, bucket, flat * sign.to(flat.dtype)))
             else:
                 out.append(chunked_gaussian_projection(
                     flat, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
@@ -291,11 +318,16 @@ class LayerSketch(nn.Module):
 
     def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
         """Block-diagonal [K, K] float64 covariance of the sketch of N(0, I_P) noise."""
+        device = torch.device(device)
         blocks = []
         for layer, shape in enumerate(self.layer_shapes):
             size = math.prod(shape)
             if size <= self.layer_dim:
                 blocks.append(torch.eye(size, dtype=torch.float64, device=device))
+            elif self.method == "countsketch":
+                bucket, _ = self._hash(layer, size, device)
+                counts = torch.bincount(bucket, minlength=self.layer_dim).double()
+                blocks.append(torch.diag(counts))
             else:
                 blocks.append(chunked_gaussian_gram(size, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
                                                     device=device, max_chunk_elements=self.max_chunk_elements))
@@ -307,9 +339,9 @@ class _DenoisingEncoder(TokenEncoder):
 
     trainable = True
 
-    def __init__(self, *, layer_shapes, dim, seed, layer_dim, lr) -> None:
+    def __init__(self, *, layer_shapes, dim, seed, layer_dim, lr, sketch) -> None:
         super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
-        self.sketch = LayerSketch(layer_shapes=self.layer_shapes, layer_dim=layer_dim, seed=seed)
+        self.sketch = LayerSketch(layer_shapes=self.layer_shapes, layer_dim=layer_dim, seed=seed, method=sketch)
         total = sum(self.sketch.sizes)
         # Running RMS of the noisy input per coordinate: keeps the network's input O(1) whatever σ is.
         self.register_buffer("input_scale", torch.ones(total))
@@ -393,14 +425,15 @@ class AutoencoderTokenEncoder(_DenoisingEncoder):
 
     Args:
         layer_shapes, dim, seed: see :class:`TokenEncoder`.
-        layer_dim: chunk size per layer (default 64).
+        layer_dim: chunk size per layer (default 256).
+        sketch: per-layer reduction, ``"countsketch"`` (default) or ``"gaussian"`` (:class:`LayerSketch`).
         hidden: width of the encoder's hidden layer (default 128).
         lr: Adam learning rate of :meth:`fit`.
     """
 
     def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
-                 layer_dim: int = 64, hidden: int = 128, lr: float = 1e-3) -> None:
-        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr)
+                 layer_dim: int = 256, hidden: int = 128, lr: float = 1e-3, sketch: str = "countsketch") -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch)
         total = sum(self.sketch.sizes)
         self.encoder = nn.Sequential(nn.Linear(total, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
         self.decoder = nn.Linear(self.dim, total)
@@ -423,9 +456,9 @@ class TransformerTokenEncoder(_DenoisingEncoder):
     """
 
     def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
-                 layer_dim: int = 64, width: int = 32, heads: int = 4, depth: int = 2,
-                 lr: float = 1e-3) -> None:
-        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr)
+                 layer_dim: int = 256, width: int = 32, heads: int = 4, depth: int = 2,
+                 lr: float = 1e-3, sketch: str = "countsketch") -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch)
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
         layers = len(self.layer_shapes)

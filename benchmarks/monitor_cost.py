@@ -23,8 +23,6 @@ Writes ``benchmarks/results/monitor_cost.{json,md}``; the last stdout line is on
 from __future__ import annotations
 
 import json
-import math
-import re
 import statistics
 import time
 import warnings
@@ -43,22 +41,6 @@ CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-min
 
 def _label(estimator: str, encoder: str | None) -> str:
     return estimator if encoder is None else f"{estimator}/{encoder}"
-
-
-def _memory_kib() -> tuple[int, int]:
-    """(peak, current) resident memory of this process, KiB (Linux /proc)."""
-    status = Path("/proc/self/status").read_text()
-    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-    current = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-    return peak, current
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _cifar(seed: int, data_dir: str | None) -> tuple[Any, Any, str]:
@@ -82,8 +64,8 @@ def _cifar(seed: int, data_dir: str | None) -> tuple[Any, Any, str]:
     return (x[:256], y[:256]), (x[256:], y[256:]), source
 
 
-def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> float:
-    """Median ms of one opacus DP-SGD step (forward, backward, clip, noise, update) on a batch of 256."""
+def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) ms of one opacus DP-SGD step (forward, backward, clip, noise, update), batch 256."""
     import torch
     import torch.nn.functional as F
     from opacus import PrivacyEngine
@@ -100,14 +82,15 @@ def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> 
                                                         noise_multiplier=1.0, max_grad_norm=MAX_GRAD_NORM,
                                                         poisson_sampling=False)
     x, y = train
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         opt.zero_grad()
         F.cross_entropy(gsm(x), y).backward()
         opt.step()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times[1:])
+        wall.append(1000 * (time.perf_counter() - start))
+        cpu.append(1000 * (time.process_time() - start_cpu))
+    return statistics.median(wall[1:]), statistics.median(cpu[1:])
 
 
 def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> list[dict[str, Any]]:
@@ -128,9 +111,14 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> 
         monitor.clean_gradients()
         grad_ms = 1000 * (time.perf_counter() - start)
         monitor.read(noise_multiplier=1.0)  # warm-up (caches, first optimiser steps)
-        times = [1000 * monitor.read(noise_multiplier=1.0).seconds for _ in range(repeats)]
+        times, cpu = [], []
+        for _ in range(repeats):
+            start_cpu = time.process_time()
+            times.append(1000 * monitor.read(noise_multiplier=1.0).seconds)
+            cpu.append(1000 * (time.process_time() - start_cpu))
         rows.append({"model": model_name, "estimator": _label(estimator, encoder), "n_audit": int(audit[0].shape[0]),
                      "ms_per_read": statistics.median(times), "ms_per_read_min": min(times),
+                     "cpu_ms_per_read": statistics.median(cpu),
                      "ms_per_sample_gradients": grad_ms, "ms_construct": build_ms,
                      "parameters": sum(p.numel() for p in model.parameters())})
         del monitor
@@ -138,35 +126,62 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> 
     return rows
 
 
+_MEMORY_CHILD = """
+import json, re, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[3])
+from adaptive_dp.tokens import build_token_encoder
+
+def memory():
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)), int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1))
+
+grads = torch.load(sys.argv[1])
+encoder = build_token_encoder(sys.argv[2], layer_shapes=[tuple(g.shape[1:]) for g in grads], dim=64, seed=0)
+Path("/proc/self/clear_refs").write_text("5")
+_, before = memory()
+start = time.perf_counter()
+with torch.no_grad():
+    tokens = encoder(grads)
+ms = 1000 * (time.perf_counter() - start)
+peak, _ = memory()
+print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "ms": ms, "token_shape": list(tokens.shape)}))
+"""
+
+
 def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str, Any]]:
-    """Peak extra resident memory of tokenising ResNet-20's per-sample gradients for a batch of 64."""
+    """Peak extra resident memory of tokenising ResNet-20's per-sample gradients for a batch of 64.
+
+    Each encoder runs in a fresh Python process (so freed memory of earlier work cannot hide new
+    allocations): it loads the gradients, resets the peak (``/proc/self/clear_refs``), tokenises once and
+    reports ``VmHWM − VmRSS`` (peak minus resident before the call).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
     import torch
 
     from adaptive_dp.leakage import LeakageMonitor
     from adaptive_dp.models import build_model
-    from adaptive_dp.tokens import build_token_encoder
 
     model = build_model("resnet20", in_channels=3, num_classes=10, image_size=32, seed=seed)
     x, y = audit
     grads = LeakageMonitor(model, (x[:64], y[:64]), max_grad_norm=MAX_GRAD_NORM).clean_gradients()
-    shapes = [tuple(g.shape[1:]) for g in grads]
-    total = sum(math.prod(s) for s in shapes)
+    total = sum(g[0].numel() for g in grads)
     rows = []
-    for name in ("projection", "autoencoder", "transformer"):
-        encoder = build_token_encoder(name, layer_shapes=shapes, dim=dim, seed=seed)
-        with torch.no_grad():
-            encoder(grads)  # warm-up: allocator pools, lazy kernels
-        ok = _reset_peak()
-        _, before = _memory_kib()
-        start = time.perf_counter()
-        with torch.no_grad():
-            tokens = encoder(grads)
-        ms = 1000 * (time.perf_counter() - start)
-        peak, _ = _memory_kib()
-        rows.append({"encoder": name, "batch": 64, "parameters": total, "token_dim": dim,
-                     "peak_extra_mib": (peak - before) / 1024 if ok else None, "ms": ms,
-                     "gradients_mib": sum(g.numel() for g in grads) * 4 / 2 ** 20,
-                     "dense_projection_mib": total * dim * 4 / 2 ** 20, "token_shape": list(tokens.shape)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "grads.pt"
+        torch.save([g.contiguous() for g in grads], path)
+        for name in ("projection", "autoencoder", "transformer"):
+            result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(path), name, str(_common.REPO_ROOT)],
+                                    capture_output=True, text=True, check=True)
+            child = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append({"encoder": name, "batch": 64, "parameters": total, "token_dim": dim, **child,
+                         "gradients_mib": sum(g.numel() for g in grads) * 4 / 2 ** 20,
+                         "dense_projection_mib": total * dim * 4 / 2 ** 20})
     return rows
 
 
@@ -218,7 +233,7 @@ def main() -> None:
 
     from adaptive_dp.models import build_model
 
-    repeats = 2 if args.quick else 5
+    repeats = 1 if args.quick else 5
     train, audit_pool, source = _cifar(args.seed, args.data_dir)
     audit64 = (audit_pool[0][:64], audit_pool[1][:64])
 
@@ -227,16 +242,21 @@ def main() -> None:
         step_ms[model_name] = _time_dp_step(model_name, train, seed=args.seed, repeats=repeats)
         cost_rows += _time_monitor(model_name, audit64, seed=args.seed, repeats=repeats)
     for row in cost_rows:
-        row["dp_step_ms"] = step_ms[row["model"]]
-        row["reads_per_step_cost"] = row["ms_per_read"] / step_ms[row["model"]]
+        row["dp_step_ms"], row["dp_step_cpu_ms"] = step_ms[row["model"]]
+        row["read_per_step_wall"] = row["ms_per_read"] / row["dp_step_ms"]
+        row["read_per_step_cpu"] = row["cpu_ms_per_read"] / row["dp_step_cpu_ms"]
     memory_rows = _tokenise_memory(audit64, seed=args.seed)
 
     sigmas = [0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0]
+    if args.quick:
+        sigmas = [0.01, 0.1, 0.3, 1.0, 4.0]
     n_curve = 64 if args.quick else 256
     cifar_model = build_model("tanh-cnn", in_channels=3, num_classes=10, image_size=32, seed=args.seed)
     curves = {f"cifar10/tanh-cnn@init/N={n_curve}": _curve(
         cifar_model, (audit_pool[0][:n_curve], audit_pool[1][:n_curve]), sigmas=sigmas, seed=args.seed)}
     digits_sigmas = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.7, 1.5, 4.0]
+    if args.quick:
+        digits_sigmas = [1e-3, 1e-2, 0.1, 0.7, 4.0]
     digits_model, digits_audit = _trained_digits(args.seed)
     curves["digits/small-cnn@300-steps/N=128"] = _curve(digits_model, digits_audit, sigmas=digits_sigmas,
                                                         seed=args.seed)
@@ -258,10 +278,14 @@ def main() -> None:
           _common.provenance_block(quick=args.quick, started=started, extra={"Data": source}), "",
           "## Milliseconds per monitor call vs one DP-SGD step",
           "64 audit examples, σ = 1, C = 1; DP-SGD step = opacus forward + backward + clip + noise + update on "
-          "a batch of 256. `grads` = the audit per-sample gradients alone (torch.func on a hook-free copy).", "",
-          markdown_table(["model", "estimator", "ms / read", "ms grads", "DP step ms", "read / step"],
-                         [[r["model"], r["estimator"], r["ms_per_read"], r["ms_per_sample_gradients"],
-                           r["dp_step_ms"], r["reads_per_step_cost"]] for r in cost_rows]), "",
+          "a batch of 256. Medians after one warm-up call. Wall times depend on the load of the shared "
+          "machine; CPU time (`time.process_time`, one torch thread) much less. `grads` = the audit per-sample "
+          "gradients alone (torch.func on a hook-free copy, wall).", "",
+          markdown_table(["model", "estimator", "ms / read", "CPU ms / read", "ms grads", "DP step ms",
+                          "DP step CPU ms", "read / step (CPU)"],
+                         [[r["model"], r["estimator"], r["ms_per_read"], r["cpu_ms_per_read"],
+                           r["ms_per_sample_gradients"], r["dp_step_ms"], r["dp_step_cpu_ms"],
+                           r["read_per_step_cpu"]] for r in cost_rows]), "",
           "## Peak extra memory of tokenising ResNet-20 per-sample gradients (batch 64, d = 64)",
           "Peak resident memory during `encoder(grads)` minus resident memory before (gradients already held). "
           "Target < 1 GiB; a dense P×d projection matrix would need the last column.", "",
@@ -280,7 +304,9 @@ def main() -> None:
     headline = {
         "name": NAME, "quick": bool(args.quick),
         "ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["ms_per_read"], 1) for r in cost_rows},
-        "dp_step_ms": {k: round(v, 1) for k, v in step_ms.items()},
+        "cpu_ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["cpu_ms_per_read"], 1) for r in cost_rows},
+        "dp_step_ms": {k: round(v[0], 1) for k, v in step_ms.items()},
+        "dp_step_cpu_ms": {k: round(v[1], 1) for k, v in step_ms.items()},
         "tokenise_peak_extra_mib": {r["encoder"]: None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
                                     for r in memory_rows},
         "floor_sigma": {f"{k}/{r['estimator']}": r["floor_sigma"] for k, c in curves.items() for r in c},

@@ -26,6 +26,15 @@ from controllers import LinearDecay, PIDController
 pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budget:UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small ops: one intra-op thread is much faster than two on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _setup(*, n: int = 64, batch: int = 16, d: int = 8, classes: int = 3, seed: int = 0, index_feature=False):
     torch.manual_seed(seed)
     x = torch.randn(n, d)
@@ -178,6 +187,30 @@ def test_target_mi_without_audit_data_names_the_fix():
                                              noise_multiplier=1.0, max_grad_norm=1.0, target_mi=0.5)
 
 
+def test_feedback_controller_instance_without_audit_data_is_refused():
+    model, optimizer, loader = _setup()
+    pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, initial=1.0)
+    with pytest.raises(ValueError, match="audit_fraction"):
+        AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                             noise_multiplier=1.0, max_grad_norm=1.0, controller=pid)
+
+
+def test_prv_accountant_stays_opacus_prv():
+    model, optimizer, loader = _setup()
+    engine = AdaptivePrivacyEngine(accountant="prv")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=2.0, max_grad_norm=1.0,
+        controller="linear", sigma_end=1.0, total_steps=4,
+    )
+    _train(model, optimizer, loader, steps=6)
+    reference = PRVAccountant()
+    for record in engine.history:
+        reference.step(noise_multiplier=record["noise_multiplier"], sample_rate=0.25)
+    assert len({r["noise_multiplier"] for r in engine.history}) == 5
+    assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert all(r["epsilon"] is None for r in engine.history)  # PRV is too slow to ask after every step
+
+
 @pytest.mark.parametrize("kwargs", [{"grad_sample_mode": "ghost"}, {"wrap_model": False}])
 def test_monitor_refuses_ghost_clipping_and_unwrapped_models(kwargs):
     model, optimizer, loader = _setup()
@@ -234,6 +267,14 @@ def test_audit_examples_never_trained_on_and_q_from_carved_set():
     assert optimizer.expected_batch_size == batch
     _train(model, optimizer, dp_loader, steps=2)
     assert engine.accountant.history[0][1] == pytest.approx(batch / 80)
+
+
+def test_schedule_epochs_count_steps_of_the_carved_loader():
+    model, optimizer, loader = _setup(n=100, batch=10)
+    engine = AdaptivePrivacyEngine()
+    engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=2.0,
+                        max_grad_norm=1.0, controller="linear", sigma_end=1.0, epochs=3, audit_fraction=0.2)
+    assert engine.controller.total_steps == 3 * 8  # 80 trained examples in batches of 10
 
 
 def test_audit_data_and_fraction_are_exclusive():

@@ -55,7 +55,8 @@ def test_products_match_dense_and_finite_differences(setting):
     from adaptive_dp.attacks import clipped_per_sample_gradients
 
     h = 1e-5
-    for i in (5, 27, 40):
+    interior = ((x.view(-1) > 0.05) & (x.view(-1) < 0.95)).nonzero().view(-1)  # x ± h stays in [0, 1]
+    for i in interior[:3].tolist():
         e = torch.zeros(64, dtype=torch.float64)
         e[i] = h
         plus = clipped_per_sample_gradients(model, x + e.view(1, 1, 8, 8), y, max_grad_norm=CLIP)[0]

@@ -226,11 +226,13 @@ def test_monitor_on_or_off_gives_identical_training(digits, estimator):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_state_dict_round_trip_reproduces_readings(digits):
+@pytest.mark.parametrize("objective", ["infonce", "mine"])
+def test_state_dict_round_trip_reproduces_readings(digits, objective):
+    # encoder (seeded projections included), critic, optimisers, MINE's EMA, replay buffer and generators
     x, y = _audit_tensors(digits[1], 48)
     model = _model()
-    a = LeakageMonitor(model, (x, y), max_grad_norm=1.0, estimator="token-mine", seed=2)
-    b = LeakageMonitor(model, (x, y), max_grad_norm=1.0, estimator="token-mine", seed=9)
+    a = LeakageMonitor(model, (x, y), max_grad_norm=1.0, estimator="token-mine", seed=2, objective=objective)
+    b = LeakageMonitor(model, (x, y), max_grad_norm=1.0, estimator="token-mine", seed=9, objective=objective)
     a.read(noise_multiplier=0.1)
     b.load_state_dict(a.state_dict())
     ra, rb = a.read(noise_multiplier=0.1), b.read(noise_multiplier=0.1)

@@ -134,7 +134,7 @@ def test_bound_functions_reject_bad_input(call):
 # Generic estimator against analytic MI
 # ------------------------------------------------------------------------------------------------
 
-GAUSSIAN_CASES = [(1, 0.45), (2, 0.8), (5, 0.5), (5, 0.7), (10, 0.5)]  # true MI 0.11 ... 1.68 nats
+GAUSSIAN_CASES = [(1, 0.45), (2, 0.8), (5, 0.7), (10, 0.5)]  # true MI 0.11, 1.02, 1.68, 1.44 nats
 
 
 @pytest.mark.parametrize("d, rho", GAUSSIAN_CASES)
@@ -148,7 +148,7 @@ def test_estimate_mi_correlated_gaussians(d, rho):
     assert est.n == N // 2 and est.method == "mine" and est.mi_gap > 0 and 0 < est.stderr < 0.05
 
 
-@pytest.mark.parametrize("d, rho", [(2, 0.8), (5, 0.7)])
+@pytest.mark.parametrize("d, rho", [(2, 0.8), pytest.param(5, 0.7, marks=pytest.mark.slow)])
 def test_estimate_mi_invariant_under_nonlinear_marginal_maps(d, rho):
     x, z = correlated_gaussians(d, rho, seed=1)
     warped = estimate_mi(x + x**3, torch.sinh(z), seed=0)
@@ -277,7 +277,7 @@ def test_concat_critic_works_with_the_trainer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("d, rho", [(1, 0.9), (5, 0.75), (20, 0.3)])
+@pytest.mark.parametrize("d, rho", [(1, 0.9), (5, 0.5), (5, 0.75), (20, 0.3)])
 def test_estimate_mi_harder_cases(d, rho):
     x, z = correlated_gaussians(d, rho, seed=11)
     assert_close_to_truth(estimate_mi(x, z, seed=0), true_mi(d, rho))

@@ -71,8 +71,12 @@ def test_noise_covariance_matches_sketched_noise(name):
     z = enc.reduce(_grads(n, seed=5)).double()
     empirical = z.T @ z / n
     scale = cov.diagonal().sqrt()
-    relative = (empirical - cov) / torch.outer(scale, scale)
-    assert float(relative.abs().max()) < 6 * math.sqrt(2 / n)
+    empty = scale == 0  # a count-sketch bucket no coordinate hashes to: always exactly 0
+    assert torch.all(z[:, empty] == 0)
+    keep = ~empty
+    relative = (empirical - cov)[keep][:, keep] / torch.outer(scale[keep], scale[keep])
+    # entries are ~N(0, 1/n) off the diagonal, N(0, 2/n) on it; the max over up to 10⁶ entries stays < 7σ
+    assert float(relative.abs().max()) < 7 * math.sqrt(2 / n)
 
 
 def test_projection_never_materialises_p_by_d(monkeypatch):

@@ -1,0 +1,114 @@
+"""``adaptive-dp attack`` end to end on digits: attack.json schema, reconstructions.png, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from adaptive_dp.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _attack(tmp_path, *argv: str) -> dict:
+    code = main(["attack", "--no-progress", "--out", str(tmp_path), *argv])
+    assert code == 0
+    text = (tmp_path / "attack.json").read_text()
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def _check_png(path, *, columns: int) -> None:
+    with Image.open(path) as image:
+        width, height = image.size
+    assert height > 200 and width > 100 * columns * 0.9  # two rows of `columns` panels
+
+
+def test_dlg_writes_schema_and_figure(tmp_path):
+    result = _attack(tmp_path, "--dataset", "digits", "--method", "dlg", "--n-images", "2", "--iterations", "60",
+                     "--restarts", "2", "--noise-multiplier", "0", "--max-grad-norm", "1")
+    assert set(result) == {"config", "images", "summary"}
+    config = result["config"]
+    assert config["method"] == "dlg" and config["dataset"] == "digits" and config["model"] == "lenet"
+    assert config["noise_multiplier"] == 0.0 and config["max_grad_norm"] == 1.0 and config["checkpoint"] is None
+    assert len(result["images"]) == 2
+    for record in result["images"]:
+        assert {"index", "psnr", "ssim", "mse", "i2f_lb", "label_correct", "seconds"} <= set(record)
+        assert record["i2f_lb"] == 0.0  # no noise, no displacement
+    summary = result["summary"]
+    assert summary["median_psnr"] >= 25.0 and summary["median_ssim"] > 0.9
+    _check_png(tmp_path / "reconstructions.png", columns=2)
+
+
+def test_noisy_ig_reports_i2f(tmp_path):
+    result = _attack(tmp_path, "--method", "ig", "--n-images", "1", "--iterations", "50",
+                     "--noise-multiplier", "0.01")
+    record = result["images"][0]
+    assert record["i2f_lb"] > 0 and record["label_correct"] in (True, False)
+    assert result["config"]["iterations"] == 50 and result["summary"]["median_psnr"] == record["psnr"]
+
+
+def test_identify_all_at_zero_noise(tmp_path):
+    result = _attack(tmp_path, "--method", "identify", "--n-images", "8", "--candidates", "64",
+                     "--noise-multiplier", "0")
+    assert result["summary"]["identification_rate"] == 1.0
+    assert result["summary"]["candidates"] == 64 and result["summary"]["chance"] == pytest.approx(1 / 64)
+    assert all(r["identified"] for r in result["images"])
+    _check_png(tmp_path / "reconstructions.png", columns=8)
+
+
+def test_attack_a_trained_checkpoint(tmp_path):
+    from adaptive_dp.training import TrainConfig, load_trained_model, train
+
+    run_dir = tmp_path / "run"
+    train(TrainConfig(dataset="digits", model="lenet", epochs=1, batch_size=128, noise_multiplier=0.7,
+                      wandb_mode="disabled", out=str(run_dir), device="cpu"), progress=False)
+    out = tmp_path / "attack"
+    result = _attack(out, "--checkpoint", str(run_dir / "checkpoint.pt"), "--method", "identify",
+                     "--n-images", "4", "--candidates", "16")
+    config = result["config"]
+    # dataset, model, σ and C come from the checkpoint's run configuration
+    assert config["dataset"] == "digits" and config["model"] == "lenet"
+    assert config["noise_multiplier"] == pytest.approx(0.7) and config["max_grad_norm"] == 1.0
+    assert 0.0 <= result["summary"]["identification_rate"] <= 1.0
+    # the trained weights, not a fresh initialisation, were attacked
+    trained, _ = load_trained_model(run_dir / "checkpoint.pt")
+    from adaptive_dp.models import build_model
+
+    fresh = build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0)
+    assert not torch.equal(trained.fc.weight, fresh.fc.weight)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--checkpoint", "/nonexistent/checkpoint.pt"], "no checkpoint"),
+        (["--n-images", "0"], "--n-images"),
+        (["--method", "identify", "--n-images", "8", "--candidates", "4"], "--candidates"),
+        (["--noise-multiplier", "-1"], "--noise-multiplier"),
+        (["--max-grad-norm", "0"], "--max-grad-norm"),
+        (["--dataset", "nonsense"], "unknown data set"),
+        (["--model", "nonsense"], "unknown model"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
+    code = main(["attack", "--no-progress", "--out", str(tmp_path), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "adaptive-dp attack: error:" in err and message in err
+
+
+def test_unknown_method_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["attack", "--method", "gradient-magic"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
