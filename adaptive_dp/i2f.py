@@ -290,7 +290,7 @@ def expected_i2f_lower_bound(
         squares.append(float(jac.j(v).double().pow(2).sum()))
     sq = np.asarray(squares)
     fro = math.sqrt(sq.mean())
-    fro_se = sq.std(ddof=1) / math.sqrt(probes) / (2 * fro) if fro > 0 else 0.0
+    fro_se = float(sq.std(ddof=1)) / math.sqrt(probes) / (2 * fro) if fro > 0 else 0.0
     lam = lambda_max(jac, tol=tol, seed=seed)
     scale = noise_multiplier * max_grad_norm
     jd = scale * fro

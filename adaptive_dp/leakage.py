@@ -52,6 +52,7 @@ __all__ = [
     "TokenMINEEstimator",
     "TokenNoiseModel",
     "clip_per_sample",
+    "hook_free_copy",
     "per_sample_gradients",
 ]
 
@@ -244,7 +245,7 @@ class LikelihoodRatioEstimator:
 
     name = "likelihood-ratio"
 
-    def __init__(self, **_: Any) -> None:
+    def __init__(self) -> None:
         pass
 
     def estimate(self, draw: Callable[[], list[Tensor]], clean: list[Tensor], features: Tensor, *,
@@ -388,7 +389,7 @@ class TokenMINEEstimator:
                  token_encoder: str | TokenEncoder = "autoencoder", token_dim: int = 64, seed: int = 0,
                  train_draws: int = 2, replay_size: int = 8, encoder_steps: int = 5, critic_steps: int = 10,
                  lr: float = 1e-3, sigma_tolerance: float = 0.25, objective: str = "infonce",
-                 ema_decay: float = 0.99, **_: Any) -> None:
+                 ema_decay: float = 0.99) -> None:
         if objective not in ("infonce", "mine"):
             raise ValueError(f"objective must be 'infonce' or 'mine', got {objective!r}")
         self.objective = objective
@@ -584,6 +585,18 @@ def _audit_tensors(audit_data: Any, max_audit: int) -> tuple[Tensor, Tensor]:
     return xs, ys
 
 
+_OWN_OPTIONS = {"likelihood-ratio": set(), "token-mine": {
+    "token_dim", "train_draws", "replay_size", "encoder_steps", "critic_steps", "lr", "sigma_tolerance",
+    "objective", "ema_decay"}}
+
+
+def _check_options(estimator: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - _OWN_OPTIONS[estimator])
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to estimator {estimator!r}; its options are "
+                         f"{sorted(_OWN_OPTIONS[estimator]) or 'none'}")
+
+
 class LeakageMonitor:
     """Measures gradient leakage on an audit split, without touching the training step.
 
@@ -602,11 +615,16 @@ class LeakageMonitor:
         loss_fn: per-example loss ``loss_fn(logits [1, K], target [1]) -> scalar``; default cross-entropy.
         batch_size: audit examples per vmap call.
         feature_layers, pooled_size: passed to :class:`FeatureExtractor` (token-mine only).
-        **estimator_options: e.g. ``token_dim``, ``critic_steps``, ``encoder_steps``, ``replay_size``.
+        **estimator_options: token-mine's ``token_dim``, ``train_draws``, ``replay_size``, ``encoder_steps``,
+            ``critic_steps``, ``lr``, ``sigma_tolerance``, ``objective``, ``ema_decay``
+            (:class:`TokenMINEEstimator`); the likelihood-ratio estimator takes none.
+
+    Per-sample gradients (and features) are computed in eval mode on the hook-free copy, so dropout is off
+    and no random number is drawn from the global generators.
 
     Raises:
         MonitorError: ghost clipping.
-        ValueError: empty audit data, < 2 examples, unknown estimator/encoder, non-positive C.
+        ValueError: empty audit data, < 2 examples, unknown estimator/encoder/option, non-positive C.
     """
 
     def __init__(self, model: nn.Module, audit_data: Any, *, max_grad_norm: float | Sequence[float],
@@ -648,6 +666,7 @@ class LeakageMonitor:
         self.layer_shapes = [tuple(params[n].shape) for n in self._names]
         self._features: Tensor | None = None
         self._extractor = None
+        _check_options(estimator, estimator_options)
         if estimator == "token-mine":
             self._extractor = FeatureExtractor(self._shadow, layers=feature_layers, pooled_size=pooled_size)
             feature_dim = self._features_now().shape[1]

@@ -1,7 +1,8 @@
 """The privacy-utility trade-off figure of a training run (matplotlib, Agg canvas; no pyplot global state).
 
-Four panels: ε (odometer, at δ) over optimizer steps; the noise multiplier σ over steps (with the ε-budget
-floor when there is one); measured leakage (MI, nats) over steps; test accuracy against ε, one point per epoch.
+Four panels: ε (odometer, at δ) over optimizer steps, with the budget's guarantee as a line when there is one;
+the noise multiplier σ over steps (with the ε-budget floor when there is one); measured leakage (MI, nats) over
+steps, with the MI ceiling when there is one; test accuracy against ε, one point per epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def plot_tradeoff(
     *,
     delta: float | None = None,
     target_mi: float | None = None,
+    guarantee_epsilon: float | None = None,
     title: str | None = None,
 ) -> Path:
     """Draw the trade-off figure of a run and save it as a PNG.
@@ -47,6 +49,7 @@ def plot_tradeoff(
         path: where to write the PNG (parent folders are created).
         delta: δ of the ε values, for the axis label.
         target_mi: the MI ceiling (nats) to draw as a dashed line, if any.
+        guarantee_epsilon: the Rényi filter's guarantee (ε at ``delta``) to draw as a dashed line, if any.
         title: figure title.
 
     Returns:
@@ -61,7 +64,10 @@ def plot_tradeoff(
     (ax_eps, ax_sigma), (ax_mi, ax_acc) = fig.subplots(2, 2)
 
     xs, ys = _series(history, "epsilon")
-    ax_eps.plot(xs, ys, color="C0")
+    ax_eps.plot(xs, ys, color="C0", label="odometer (σ history used)")
+    if guarantee_epsilon is not None:
+        ax_eps.axhline(guarantee_epsilon, color="C3", linestyle="--", label="guarantee (Rényi filter budget)")
+        ax_eps.legend()
     ax_eps.set(xlabel="optimizer step", ylabel=eps_label, title="privacy spent (accountant odometer)")
     if not xs:
         _empty(ax_eps, "no ε recorded")
@@ -82,7 +88,7 @@ def plot_tradeoff(
     if gx:
         ax_mi.plot(gx, gy, marker=".", color="C4", alpha=0.7, label="MI gap")
     if target_mi is not None:
-        ax_mi.axhline(target_mi, color="C3", linestyle="--", label="target MI")
+        ax_mi.axhline(target_mi, color="C3", linestyle="--", label="MI ceiling (target)")
     ax_mi.set(xlabel="optimizer step", ylabel="nats", title="measured gradient leakage")
     if mx or gx or target_mi is not None:
         ax_mi.legend()
@@ -97,6 +103,9 @@ def plot_tradeoff(
             ey.append(float(a))
             labels.append(r.get("epoch", len(ex)))
     ax_acc.plot(ex, ey, marker="o", color="C0")
+    if guarantee_epsilon is not None and ex:
+        ax_acc.axvline(guarantee_epsilon, color="C3", linestyle="--", label="guarantee")
+        ax_acc.legend()
     for e, a, lab in zip(ex, ey, labels):
         ax_acc.annotate(str(lab), (e, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax_acc.set(xlabel=eps_label, ylabel="test accuracy", title="test accuracy vs ε (label: epoch)")

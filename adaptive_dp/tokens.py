@@ -235,7 +235,6 @@ class ProjectionTokenEncoder(TokenEncoder):
             out = part if out is None else out + part
         return out
 
-
     def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
         """Σ_l R_lᵀR_l, [dim, dim] float64 (see :meth:`TokenEncoder.noise_covariance`)."""
         total = None

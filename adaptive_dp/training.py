@@ -5,8 +5,13 @@ step (σ used, ε odometer at δ, loss, and the leakage fields the adaptive engi
 accuracy after every epoch, and writes ``history.jsonl``, ``summary.json``, ``tradeoff.png``,
 ``checkpoint.pt`` and a W&B run (offline by default) into the output folder.
 
-The privacy engine is built in one place, :func:`make_engine`; today it is opacus'
-``PrivacyEngine(accountant="rdp")``, so ``target_mi``/``controller`` are refused with a clear error.
+The privacy engine is built in one place, :func:`make_engine`: :class:`adaptive_dp.engine.AdaptivePrivacyEngine`
+with the incremental RDP accountant (the same ε as opacus' RDP accountant, O(#orders) per step). By default an
+audit split (2 % of the training set, carved off *before* the private loader is built and never trained on) feeds
+the leakage monitor, so MI (nats) is logged every ``monitor_every`` steps; ``target_mi`` + ``controller`` close the
+loop (σ adapts), ``target_epsilon`` adds a hard budget kept by a Rényi filter (the guarantee). When the budget
+cannot pay for another step (``PrivacyBudgetExhausted``), training stops early: the model trained so far, the
+checkpoint and the summary (``stopped_early: true`` and the reason) are written as usual.
 
 torch and opacus are imported inside the functions so that ``adaptive-dp --help`` stays fast.
 """
@@ -14,7 +19,6 @@ torch and opacus are imported inside the functions so that ``adaptive-dp --help`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -39,8 +43,16 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam")
 #: file format tag stored in ``checkpoint.pt``.
 CHECKPOINT_FORMAT = "adaptive_dp.checkpoint/1"
-#: fields of a step record that the adaptive engine fills in (None with opacus' PrivacyEngine).
+#: fields of a step record that the adaptive engine fills in (None when it has nothing for the step).
 ADAPTIVE_FIELDS = ("mi", "mi_gap", "sigma_floor", "controller_error")
+#: leakage estimators ``--estimator`` accepts (``adaptive_dp.leakage.ESTIMATORS``).
+ESTIMATORS = ("likelihood-ratio", "token-mine")
+#: privacy-token encoders ``--token-encoder`` accepts (``adaptive_dp.tokens.TOKEN_ENCODERS``).
+TOKEN_ENCODERS = ("projection", "autoencoder", "transformer")
+#: controllers ``--controller`` accepts (``controllers.CONTROLLERS``): feedback controllers, then schedules.
+FEEDBACK_CONTROLLERS = ("pid", "threshold")
+SCHEDULE_CONTROLLERS = ("linear", "staircase", "exponential", "cyclic", "constant")
+CONTROLLER_NAMES = FEEDBACK_CONTROLLERS + SCHEDULE_CONTROLLERS
 
 
 @dataclass
@@ -57,12 +69,26 @@ class TrainConfig:
         lr: learning rate.
         optimizer: "sgd" or "adam".
         momentum: SGD momentum (ignored by Adam).
-        noise_multiplier: σ, noise std / max_grad_norm; ignored when ``target_epsilon`` is given.
+        noise_multiplier: σ, noise std / max_grad_norm (the starting σ of a controller or schedule); ignored
+            when ``target_epsilon`` is given.
         max_grad_norm: per-sample gradient clipping norm C.
-        target_epsilon: if given, σ is chosen by opacus so that ``epochs`` epochs spend this ε at ``delta``.
+        target_epsilon: if given, a hard budget: the starting σ is opacus' choice for ``epochs`` epochs at this ε
+            and ``delta``, and a Rényi filter floors σ so that the run's guarantee is this ε (also with a
+            controller).
         delta: δ of every reported ε.
-        target_mi: MI ceiling in nats (needs the adaptive engine).
-        controller: noise controller name (needs the adaptive engine).
+        target_mi: MI ceiling in nats per audit example; the controller (default "pid") steers σ to keep the
+            measured leakage under it. Needs the monitor (``audit_fraction`` > 0).
+        controller: a ``controllers.CONTROLLERS`` name: "pid", "threshold" (feedback, need ``target_mi``) or
+            "linear", "staircase", "exponential", "cyclic", "constant" (open-loop schedules from
+            ``noise_multiplier`` to ``sigma_end`` over the planned ``epochs``).
+        estimator: leakage estimator of the monitor: "likelihood-ratio" (training-free) or "token-mine".
+        token_encoder: privacy-token encoder of "token-mine": "projection", "autoencoder" or "transformer".
+        audit_fraction: share of the training set carved off (seeded) as the audit split before training, in
+            [0, 1); these examples are never trained on (and get no DP protection). 0 turns the monitor off.
+        monitor_every: optimizer steps between leakage readings (the first is taken before step 1); ≥ 1.
+        sigma_min, sigma_max: bounds of the controller's σ (None: the engine's defaults 0.3 and 10, widened
+            to include the starting σ); ``sigma_max`` is also where a budget stops training.
+        sigma_end: final σ of a schedule controller.
         seed: seeds python, numpy and torch (initialisation, Poisson sampling, noise).
         device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
         wandb_mode: "offline", "online", "disabled", or None (online when an API key is configured).
@@ -86,6 +112,13 @@ class TrainConfig:
     delta: float = 1e-5
     target_mi: float | None = None
     controller: str | None = None
+    estimator: str = "likelihood-ratio"
+    token_encoder: str = "autoencoder"
+    audit_fraction: float = 0.02
+    monitor_every: int = 10
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    sigma_end: float | None = None
     seed: int = 0
     device: str = "auto"
     wandb_mode: str | None = None
@@ -118,12 +151,52 @@ class TrainConfig:
             _positive_float("target_epsilon", self.target_epsilon)
         if self.target_mi is not None:
             _positive_float("target_mi", self.target_mi)
+        self._validate_adaptive()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
         if self.wandb_mode is not None and self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"unknown wandb_mode {self.wandb_mode!r}; choose offline, online or disabled")
+
+    def _validate_adaptive(self) -> None:
+        """Check the monitor / controller options (see :meth:`validate`)."""
+        if isinstance(self.audit_fraction, bool) or not isinstance(self.audit_fraction, (int, float)) or not (
+                0 <= self.audit_fraction < 1):
+            raise ValueError(f"audit_fraction must be in [0, 1) (0 turns the leakage monitor off), "
+                             f"got {self.audit_fraction!r}")
+        _positive_int("monitor_every", self.monitor_every)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        if self.token_encoder not in TOKEN_ENCODERS:
+            raise ValueError(f"unknown token_encoder {self.token_encoder!r}; choose one of: "
+                             f"{', '.join(TOKEN_ENCODERS)}")
+        if self.controller is not None and self.controller not in CONTROLLER_NAMES:
+            raise ValueError(f"unknown controller {self.controller!r}; choose one of: {', '.join(CONTROLLER_NAMES)}")
+        for name in ("sigma_min", "sigma_max", "sigma_end"):
+            if getattr(self, name) is not None:
+                _positive_float(name, getattr(self, name))
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
+        if not self.audit_fraction and self.target_mi is not None:
+            raise ValueError("--target-mi needs the leakage monitor, which --audit-fraction 0 turns off; set "
+                             "--audit-fraction > 0 (default 0.02) or drop --target-mi")
+        if self.controller in FEEDBACK_CONTROLLERS and self.target_mi is None:
+            raise ValueError(f"--controller {self.controller} steers measured leakage to a ceiling: give "
+                             "--target-mi NATS, or use a schedule (" + ", ".join(SCHEDULE_CONTROLLERS) + ")")
+        if self.sigma_end is not None and self.controller not in SCHEDULE_CONTROLLERS[:-1]:
+            raise ValueError("--sigma-end is the final σ of a schedule: add --controller linear (or staircase, "
+                             "exponential, cyclic), or drop --sigma-end")
+        if (self.audit_fraction and self.estimator == "likelihood-ratio" and self.target_epsilon is None
+                and self.noise_multiplier == 0):
+            raise ValueError("the likelihood-ratio leakage monitor needs noise_multiplier > 0 (at σ = 0 nothing "
+                             "is private); set --noise-multiplier > 0, or --audit-fraction 0 to turn the "
+                             "monitor off, or --estimator token-mine")
+
+    @property
+    def monitor_on(self) -> bool:
+        """Whether the leakage monitor runs (an audit split is carved off)."""
+        return bool(self.audit_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (JSON-able)."""
@@ -181,48 +254,52 @@ def default_out_dir(root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def check_engine_support(config: TrainConfig) -> None:
-    """Refuse options the current privacy engine cannot honour.
-
-    Raises:
-        NotImplementedError: for ``target_mi`` or ``controller``: they need the adaptive engine
-            (``adaptive_dp.engine.AdaptivePrivacyEngine``), which this training loop does not use yet.
-    """
-    asked = [f"--{name.replace('_', '-')}" for name in ("target_mi", "controller") if getattr(config, name) is not None]
-    if asked:
-        raise NotImplementedError(
-            f"{' and '.join(asked)} need the adaptive engine (adaptive_dp.engine.AdaptivePrivacyEngine, which "
-            "measures leakage and adapts σ); this build trains with opacus' PrivacyEngine at a fixed noise "
-            "multiplier. Drop the option(s) and set --noise-multiplier or --target-epsilon instead."
-        )
-
-
 def make_engine(config: TrainConfig):
-    """The privacy engine for ``config``: opacus' ``PrivacyEngine(accountant="rdp")``.
+    """The privacy engine for ``config``: ``AdaptivePrivacyEngine(accountant="rdp")`` — the incremental RDP
+    accountant (same ε as opacus' ``RDPAccountant`` on the same σ history, O(#orders) per step, so the
+    odometer after every step is cheap)."""
+    from adaptive_dp.engine import AdaptivePrivacyEngine
 
-    Raises:
-        NotImplementedError: see :func:`check_engine_support`.
-    """
-    check_engine_support(config)
-    from opacus import PrivacyEngine
-
-    return PrivacyEngine(accountant="rdp")
+    return AdaptivePrivacyEngine(accountant="rdp")
 
 
-def make_private(engine, config: TrainConfig, *, model, optimizer, data_loader):
-    """Wrap model, optimizer and loader with ``engine`` (Poisson sampling, flat clipping at
-    ``max_grad_norm``, mean loss reduction): ``make_private_with_epsilon`` when ``target_epsilon`` is given
-    (σ chosen so that ``epochs`` epochs spend it at ``delta``), else ``make_private`` at ``noise_multiplier``.
+def make_private(engine, config: TrainConfig, *, model, optimizer, data_loader, audit_data=None):
+    """Wrap model, optimizer and loader with ``engine`` (Poisson sampling, flat clipping at ``max_grad_norm``,
+    mean loss reduction) and close the leakage loop as ``config`` says.
+
+    With ``target_epsilon``: ``make_private_with_epsilon`` (starting σ from opacus' ``get_noise_multiplier`` for
+    ``epochs`` epochs at ``delta``; the Rényi filter floors σ so the guarantee is ``target_epsilon``); else
+    ``make_private`` at ``noise_multiplier``. Both get the monitor (``audit_data``, ``estimator``,
+    ``token_encoder``, ``monitor_every``), the controller (``target_mi``, ``controller``, σ bounds,
+    ``sigma_end`` over the planned ``epochs``) and ``delta`` for the per-step odometer. Without a budget a
+    schedule runs from ``noise_multiplier`` (step 1) to ``sigma_end`` (the last planned step); under a budget the
+    engine plans it over ``epochs`` / q steps, so it is one step short of ``sigma_end`` at the end (and never
+    under the budget's floor).
+
+    Args:
+        audit_data: the audit split (never trained on), None to run without the monitor.
 
     Returns:
         (GradSampleModule, DPOptimizer, DPDataLoader).
+
+    Raises:
+        ValueError: from the engine, for settings it cannot honour (its message names the fix).
     """
-    common = dict(module=model, optimizer=optimizer, data_loader=data_loader, max_grad_norm=config.max_grad_norm)
+    common = dict(
+        module=model, optimizer=optimizer, data_loader=data_loader, max_grad_norm=config.max_grad_norm,
+        target_mi=config.target_mi, controller=config.controller, estimator=config.estimator,
+        token_encoder=config.token_encoder, audit_data=audit_data, monitor_every=config.monitor_every,
+        sigma_min=config.sigma_min, sigma_max=config.sigma_max, sigma_end=config.sigma_end, seed=config.seed,
+    )
     if config.target_epsilon is not None:
         return engine.make_private_with_epsilon(
             **common, target_epsilon=config.target_epsilon, target_delta=config.delta, epochs=config.epochs
         )
-    return engine.make_private(**common, noise_multiplier=config.noise_multiplier)
+    planned_steps = config.epochs * len(data_loader)  # opacus: q = 1 / len(loader), 1 / q steps per epoch
+    # a schedule reaches sigma_end at t = total_steps, and the engine asks for step t + 1's σ with t steps
+    # taken: total_steps = planned − 1 makes the last planned step run at sigma_end.
+    return engine.make_private(**common, noise_multiplier=config.noise_multiplier,
+                               total_steps=max(1, planned_steps - 1), target_delta=config.delta)
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -331,40 +408,6 @@ def evaluate(model: nn.Module, data, *, device=None, batch_size: int = 1024) -> 
     return {"accuracy": correct / total, "loss": loss_sum / total, "n": total}
 
 
-@functools.lru_cache(maxsize=1024)
-def _rdp_one_step(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]):
-    """RDP of one sampled-Gaussian step at every order (opacus' ``compute_rdp``, steps=1), cached."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders))
-
-
-def odometer_epsilon(engine, delta: float) -> float:
-    """ε at ``delta`` of the σ history used so far: ``engine.get_epsilon(delta)``, computed fast.
-
-    For opacus' ``RDPAccountant`` (whose ``get_epsilon`` recomputes the fractional-order RDP of every history
-    entry, ~0.3 s per call here) the per-step RDP of each (σ, q) is cached and composed linearly, as
-    ``compute_rdp`` does (RDP of T steps = T × RDP of one); the conversion is opacus' own ``get_privacy_spent``
-    over its default orders, so the value equals ``engine.get_epsilon(delta)``. Any other accountant is asked
-    directly.
-
-    Source: Mironov 2017 (RDP composition); Mironov, Talwar & Zhang 2019 (sampled Gaussian RDP), as in opacus.
-    """
-    from opacus.accountants import RDPAccountant
-
-    accountant = getattr(engine, "accountant", None)
-    if type(accountant) is not RDPAccountant:
-        return float(engine.get_epsilon(delta))
-    if not accountant.history:
-        return 0.0
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    orders = tuple(RDPAccountant.DEFAULT_ALPHAS)
-    rdp = sum(_rdp_one_step(float(sigma), float(q), orders) * steps for sigma, q, steps in accountant.history)
-    epsilon, _ = get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
-    return float(epsilon)
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -417,7 +460,9 @@ def save_checkpoint(path: str | os.PathLike, *, model, optimizer, engine, config
     Holds ``model_state_dict`` (plain module keys, without opacus' ``_module.`` prefix),
     ``optimizer_state_dict``, ``accountant_state_dict`` (+ ``accountant`` name), ``config``, ``dataset_info``,
     ``history`` (step records), ``epochs`` (epoch records), ``epoch``, ``step``, ``rng_states`` and
-    ``extra`` fields (noise multiplier used, sample rate, ε, test accuracy ...). Readable with
+    ``extra`` fields (noise multiplier of the last step, sample rate, ε, test accuracy, ``stopped_early``, and
+    ``adaptive_state``: the engine's ``adaptive_state_dict()`` — controller, monitor, budget filter, history,
+    pending reading). Readable with
     ``torch.load(path, weights_only=True)``.
     """
     import torch
@@ -526,43 +571,57 @@ def _versions() -> dict[str, str]:
 def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Train with DP-SGD as ``config`` says and write the run's outputs into ``config.out``.
 
-    Per optimizer step: σ used, ε (accountant odometer at ``delta``), loss (and MI fields once the adaptive
-    engine exists) go to ``history.jsonl`` and W&B; per epoch: test accuracy. At the end: ``tradeoff.png``,
-    ``checkpoint.pt`` (see :func:`save_checkpoint`) and ``summary.json``.
+    The audit split (``audit_fraction`` of the training set, seeded by ``seed``) is carved off first; the model
+    is trained on the rest only (q = 1 / ceil(len(rest) / batch_size)). Per optimizer step: σ used, ε (odometer
+    at ``delta``), loss, and the leakage fields (``mi``/``mi_gap`` on monitored steps — steps 1, 1 + k, 1 + 2k,
+    ... for ``monitor_every`` = k —, ``sigma_floor`` under a budget, ``controller_error`` with a feedback
+    controller) go to ``history.jsonl`` and W&B; per epoch: test accuracy. At the end: ``tradeoff.png``,
+    ``checkpoint.pt`` (see :func:`save_checkpoint`; it carries the engine's adaptive state) and ``summary.json``.
+
+    A hard budget (``target_epsilon``) that cannot pay for another step within ``sigma_max`` stops training
+    early (the budget did its job): the outputs are written as after a full run, with ``stopped_early: true``
+    and ``stop_reason`` in the summary; no exception escapes.
 
     Args:
         config: the options (validated here).
-        progress: show a tqdm progress bar per epoch (loss, σ, ε, MI).
+        progress: show a tqdm progress bar per epoch (loss, σ, ε, latest MI).
 
     Returns:
-        The summary (also in ``OUT/summary.json``): ``test_accuracy``, ``test_loss``, ``epsilon``, ``delta``,
-        ``noise_multiplier``, ``sample_rate``, ``steps``, ``epochs``, ``wall_time_s``, ``epoch_times_s``,
-        ``per_epoch``, ``device``, ``dataset``, ``model``, ``config``, ``outputs`` (paths), ``wandb``, ``versions``.
+        The summary (also in ``OUT/summary.json``): ``test_accuracy``, ``test_loss``, ``epsilon`` (= the
+        odometer), ``odometer_epsilon``, ``guarantee_epsilon`` (the Rényi filter's ε with ``target_epsilon``,
+        else None), ``epsilon_meaning``, ``delta``, ``noise_multiplier`` (σ of the last step),
+        ``noise_multiplier_range``, ``sample_rate``, ``steps``, ``epochs``, ``stopped_early``, ``stop_reason``,
+        the leakage summary of :func:`leakage_summary` (``mi_readings``, ``max_mi``, ``mean_mi``, ``final_mi``,
+        ``target_mi``, ``fraction_over_ceiling``), ``audit_size`` (examples held out), ``audit_examples_read``
+        (how many of them the monitor reads, at most 256), ``wall_time_s``, ``epoch_times_s``,
+        ``per_epoch``, ``device``, ``dataset`` (``train_size`` excludes the audit split), ``model``, ``config``,
+        ``outputs`` (paths), ``wandb``, ``versions``.
 
     Raises:
-        ValueError: bad options (unknown data set/model/device ...).
+        ValueError: bad options (unknown data set/model/device/controller, ``target_mi`` without the monitor ...).
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
-        NotImplementedError: ``target_mi``/``controller`` without the adaptive engine.
     """
     import torch
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from adaptive_dp.data import load_dataset
+    from adaptive_dp.budget import PrivacyBudgetExhausted
+    from adaptive_dp.data import audit_split, load_dataset
     from adaptive_dp.models import build_model
-    from adaptive_dp.plots import plot_tradeoff
     from adaptive_dp.tracking import Tracker
 
     t_start = time.perf_counter()
     config = dataclasses.replace(config)
     config.validate()
-    check_engine_support(config)
     device = resolve_device(config.device)
 
-    train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
+    full_train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
     test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
-    info = train_set.info
+    info = full_train_set.info
+    train_set, audit_set = full_train_set, None
+    if config.monitor_on:
+        train_set, audit_set = audit_split(full_train_set, fraction=config.audit_fraction, seed=config.seed)
     if config.batch_size > len(train_set):
         raise ValueError(f"batch_size {config.batch_size} exceeds the training set ({len(train_set)} examples)")
 
@@ -579,12 +638,15 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                              num_workers=config.num_workers)
     engine = make_engine(config)
     model, optimizer, train_loader = make_private(engine, config, model=model, optimizer=optimizer,
-                                                  data_loader=train_loader)
+                                                  data_loader=train_loader, audit_data=audit_set)
+    initial_sigma = float(optimizer.noise_multiplier)
     sample_rate = float(getattr(train_loader, "sample_rate", 1.0 / len(train_loader)))
     history: list[dict[str, Any]] = []
     epoch_records: list[dict[str, Any]] = []
     epoch_times: list[float] = []
     step = 0
+    last_mi: float | None = None
+    stop_reason: str | None = None
     with Tracker(out, config=config.to_dict(), mode=config.wandb_mode, project=config.wandb_project,
                  run_name=out.name) as tracker:
         for epoch in range(1, config.epochs + 1):
@@ -598,85 +660,175 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except PrivacyBudgetExhausted as exc:  # the filter refused the step: nothing was booked
+                    stop_reason = str(exc)
+                    break
                 step += 1
                 record = make_step_record(
                     step=step, epoch=epoch, noise_multiplier=optimizer.noise_multiplier,
-                    epsilon=odometer_epsilon(engine, config.delta), loss=loss.item(), batch_size=len(y),
+                    epsilon=_step_epsilon(engine, config.delta), loss=loss.item(), batch_size=len(y),
                     sample_rate=sample_rate, lr=optimizer.param_groups[0]["lr"], **adaptive_fields(engine),
+                    monitor_error=(engine.history[-1].get("monitor_error") if engine.history else None),
                 )
                 history.append(record)
                 tracker.log_step(record)
+                if record["mi"] is not None:
+                    last_mi = record["mi"]
                 if math.isfinite(record["loss"]):
                     losses.append(record["loss"])
                 bar.set_postfix_str(
                     f"loss={_fmt(record['loss'])} σ={_fmt(record['noise_multiplier'])} "
-                    f"ε={_fmt(record['epsilon'], 2)} MI={_fmt(record['mi'])}", refresh=False,
+                    f"ε={_fmt(record['epsilon'], 2)} MI={_fmt(last_mi)}", refresh=False,
                 )
             bar.close()
             epoch_times.append(time.perf_counter() - t_epoch)
             test = evaluate(model, test_loader, device=device)
             last = history[-1] if history else {}
             epoch_record = {
-                "epoch": epoch, "step": step, "epsilon": last.get("epsilon"), "mi": last.get("mi"),
+                "epoch": epoch, "step": step, "epsilon": last.get("epsilon", 0.0), "mi": last_mi,
                 "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                "noise_multiplier": last.get("noise_multiplier"),
+                "noise_multiplier": last.get("noise_multiplier", float(optimizer.noise_multiplier)),
                 "train_loss": sum(losses) / len(losses) if losses else None,
                 "epoch_time_s": epoch_times[-1],
             }
             epoch_records.append(epoch_record)
             tracker.log_epoch(epoch_record)
             if progress:
-                tqdm.write(f"epoch {epoch}: test accuracy {test['accuracy']:.4f}, ε = {_fmt(last.get('epsilon'))} "
-                           f"at δ = {config.delta:g}, {epoch_times[-1]:.1f} s")
+                tqdm.write(f"epoch {epoch}: test accuracy {test['accuracy']:.4f}, ε = {_fmt(epoch_record['epsilon'])} "
+                           f"at δ = {config.delta:g}, MI = {_fmt(last_mi)} nats, {epoch_times[-1]:.1f} s")
+            if stop_reason is not None:
+                if progress:
+                    tqdm.write(f"stopped early after {step} steps: {stop_reason}")
+                break
 
-        final = epoch_records[-1]
-        noise_multiplier = float(optimizer.noise_multiplier)
-        outputs = {
-            "dir": str(out),
-            "history": str(tracker.history_path),
-            "summary": str(tracker.summary_path),
-            "tradeoff": str(out / "tradeoff.png"),
-            "checkpoint": str(out / "checkpoint.pt"),
-            "wandb": str(tracker.wandb_dir) if tracker.wandb_dir is not None else None,
-        }
-        try:
-            plot_tradeoff(history, epoch_records, outputs["tradeoff"], delta=config.delta, target_mi=config.target_mi,
-                          title=f"{config.dataset} / {config.model}: DP-SGD")
-            tracker.log_image(outputs["tradeoff"], "plots/tradeoff")
-        except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the trained model
-            logger.warning("could not draw the trade-off figure: %s", exc)
-            outputs["tradeoff"] = None
-        save_checkpoint(
-            outputs["checkpoint"], model=model, optimizer=optimizer, engine=engine, config=config,
-            dataset_info=info, history=history, epochs=epoch_records,
-            extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
-                   "epsilon": final["epsilon"], "delta": config.delta, "test_accuracy": final["test_accuracy"]},
+        summary = _finish_run(
+            config, tracker=tracker, engine=engine, model=model, optimizer=optimizer, info=info, out=out,
+            history=history, epoch_records=epoch_records, epoch_times=epoch_times, sample_rate=sample_rate,
+            initial_sigma=initial_sigma, stop_reason=stop_reason, device=device, t_start=t_start,
+            sizes={"train_size": len(train_set), "audit_size": len(audit_set) if audit_set is not None else 0,
+                   "test_size": len(test_set)},
         )
-        summary = {
-            "test_accuracy": final["test_accuracy"],
-            "test_loss": final["test_loss"],
-            "epsilon": final["epsilon"],
-            "delta": config.delta,
-            "epsilon_meaning": "RDP accountant composition of the noise multipliers used (opacus get_epsilon)",
-            "noise_multiplier": noise_multiplier,
-            "max_grad_norm": config.max_grad_norm,
-            "sample_rate": sample_rate,
-            "steps": step,
-            "epochs": config.epochs,
-            "wall_time_s": time.perf_counter() - t_start,
-            "epoch_times_s": epoch_times,
-            "per_epoch": epoch_records,
-            "device": str(device),
-            "engine": f"{type(engine).__module__}.{type(engine).__name__}",
-            "dataset": {"name": info.name, "train_size": len(train_set), "test_size": len(test_set),
-                        "num_classes": info.num_classes, "image_size": info.image_size},
-            "model": config.model,
-            "config": config.to_dict(),
-            "outputs": outputs,
-            "wandb": {"mode": tracker.mode, "dir": outputs["wandb"],
-                      "file": str(tracker.wandb_file) if tracker.wandb_file is not None else None},
-            "versions": _versions(),
-        }
-        tracker.finish(summary)
+    return summary
+
+
+def _step_epsilon(engine, delta: float) -> float:
+    """The odometer after the step just taken: the engine's history records it (cheap incremental RDP)."""
+    last = engine.history[-1] if getattr(engine, "history", None) else {}
+    epsilon = last.get("epsilon")
+    return float(engine.get_epsilon(delta)) if epsilon is None else float(epsilon)
+
+
+def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None = None) -> dict[str, Any]:
+    """Summary of the MI readings (nats) in a run's step records.
+
+    Args:
+        history: step records; ``mi`` is a reading (nats), None on steps without one, NaN for a failed one.
+        target_mi: the MI ceiling (nats), if any.
+
+    Returns:
+        ``{"mi_readings": count of valid readings, "failed_readings": count of NaN readings, "max_mi",
+        "mean_mi", "final_mi" (None without readings), "target_mi", "fraction_over_ceiling"}`` — the last is the
+        share of valid readings above ``target_mi`` (None without a ceiling or readings).
+    """
+    values = [r.get("mi") for r in history if r.get("mi") is not None]
+    valid = [float(v) for v in values if math.isfinite(float(v))]
+    over = None
+    if target_mi is not None and valid:
+        over = sum(v > target_mi for v in valid) / len(valid)
+    return {
+        "mi_readings": len(valid),
+        "failed_readings": len(values) - len(valid),
+        "max_mi": max(valid) if valid else None,
+        "mean_mi": sum(valid) / len(valid) if valid else None,
+        "final_mi": valid[-1] if valid else None,
+        "target_mi": target_mi,
+        "fraction_over_ceiling": over,
+    }
+
+
+def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info, out: Path, history, epoch_records,
+                epoch_times, sample_rate, initial_sigma, stop_reason, device, t_start, sizes) -> dict[str, Any]:
+    """Trade-off figure, checkpoint and summary of a (possibly stopped-early) run; returns the summary."""
+    from adaptive_dp.plots import plot_tradeoff
+
+    final = epoch_records[-1]
+    noise_multiplier = float(optimizer.noise_multiplier)
+    privacy = engine.privacy_summary(config.delta)
+    odometer = history[-1]["epsilon"] if history else 0.0
+    guarantee = privacy["guarantee_epsilon"]
+    sigmas = [r["noise_multiplier"] for r in history] or [noise_multiplier]
+    leakage = leakage_summary(history, target_mi=config.target_mi)
+    outputs = {
+        "dir": str(out),
+        "history": str(tracker.history_path),
+        "summary": str(tracker.summary_path),
+        "tradeoff": str(out / "tradeoff.png"),
+        "checkpoint": str(out / "checkpoint.pt"),
+        "wandb": str(tracker.wandb_dir) if tracker.wandb_dir is not None else None,
+    }
+    try:
+        plot_tradeoff(history, epoch_records, outputs["tradeoff"], delta=config.delta, target_mi=config.target_mi,
+                      guarantee_epsilon=guarantee,
+                      title=f"{config.dataset} / {config.model}: DP-SGD"
+                            + (f", {config.controller}" if config.controller else ""))
+        tracker.log_image(outputs["tradeoff"], "plots/tradeoff")
+    except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the trained model
+        logger.warning("could not draw the trade-off figure: %s", exc)
+        outputs["tradeoff"] = None
+    save_checkpoint(
+        outputs["checkpoint"], model=model, optimizer=optimizer, engine=engine, config=config,
+        dataset_info=info, history=history, epochs=epoch_records,
+        extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "epsilon": odometer,
+               "odometer_epsilon": odometer, "guarantee_epsilon": guarantee, "delta": config.delta,
+               "test_accuracy": final["test_accuracy"], "stopped_early": stop_reason is not None,
+               "adaptive_state": engine.adaptive_state_dict()},
+    )
+    if guarantee is not None:
+        meaning = (f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); "
+                   "epsilon = odometer_epsilon: the RDP accountant's composition of the σ history used")
+    elif config.target_mi is not None or config.controller in FEEDBACK_CONTROLLERS:
+        meaning = ("odometer only: RDP composition of the σ history used; σ was chosen from audit readings "
+                   "without a budget, so this is no formal (ε, δ) guarantee (use --target-epsilon for one)")
+    else:
+        meaning = "RDP accountant composition of the noise multipliers used (opacus get_epsilon)"
+    summary = {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "epsilon": odometer,
+        "odometer_epsilon": odometer,
+        "guarantee_epsilon": guarantee,
+        "delta": config.delta,
+        "epsilon_meaning": meaning,
+        "noise_multiplier": noise_multiplier,
+        "initial_noise_multiplier": initial_sigma,
+        "noise_multiplier_range": [min(sigmas), max(sigmas)],
+        "max_grad_norm": config.max_grad_norm,
+        "sample_rate": sample_rate,
+        "steps": len(history),
+        "epochs": config.epochs,
+        "stopped_early": stop_reason is not None,
+        "stop_reason": stop_reason,
+        "controller": config.controller if config.controller or config.target_mi is None else "pid",
+        "estimator": config.estimator if config.monitor_on else None,
+        "monitor_every": config.monitor_every if config.monitor_on else None,
+        **leakage,
+        "audit_size": sizes["audit_size"],
+        "audit_examples_read": int(engine.monitor.x.shape[0]) if getattr(engine, "monitor", None) is not None else 0,
+        "wall_time_s": time.perf_counter() - t_start,
+        "epoch_times_s": epoch_times,
+        "per_epoch": epoch_records,
+        "device": str(device),
+        "engine": f"{type(engine).__module__}.{type(engine).__name__}",
+        "accountant": privacy["accountant"],
+        "dataset": {"name": info.name, **sizes, "num_classes": info.num_classes, "image_size": info.image_size},
+        "model": config.model,
+        "config": config.to_dict(),
+        "outputs": outputs,
+        "wandb": {"mode": tracker.mode, "dir": outputs["wandb"],
+                  "file": str(tracker.wandb_file) if tracker.wandb_file is not None else None},
+        "versions": _versions(),
+    }
+    tracker.finish(summary)
     return json.loads(json.dumps(summary))

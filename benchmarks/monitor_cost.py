@@ -283,15 +283,15 @@ def main() -> None:
           "gradients alone (torch.func on a hook-free copy, wall).", "",
           markdown_table(["model", "estimator", "ms / read", "CPU ms / read", "ms grads", "DP step ms",
                           "DP step CPU ms", "read / step (CPU)"],
-                         [[r["model"], r["estimator"], r["ms_per_read"], r["cpu_ms_per_read"],
-                           r["ms_per_sample_gradients"], r["dp_step_ms"], r["dp_step_cpu_ms"],
-                           r["read_per_step_cpu"]] for r in cost_rows]), "",
+                         [[r["model"], r["estimator"], *(f"{r[k]:.0f}" for k in (
+                             "ms_per_read", "cpu_ms_per_read", "ms_per_sample_gradients", "dp_step_ms",
+                             "dp_step_cpu_ms")), f"{r['read_per_step_cpu']:.2f}"] for r in cost_rows]), "",
           "## Peak extra memory of tokenising ResNet-20 per-sample gradients (batch 64, d = 64)",
           "Peak resident memory during `encoder(grads)` minus resident memory before (gradients already held). "
           "Target < 1 GiB; a dense P×d projection matrix would need the last column.", "",
           markdown_table(["encoder", "P", "peak extra MiB", "ms", "gradients MiB", "dense P×d MiB"],
-                         [[r["encoder"], r["parameters"], r["peak_extra_mib"], r["ms"], r["gradients_mib"],
-                           r["dense_projection_mib"]] for r in memory_rows]), "",
+                         [[r["encoder"], str(r["parameters"]), f"{r['peak_extra_mib']:.1f}", f"{r['ms']:.0f}",
+                           f"{r['gradients_mib']:.1f}", f"{r['dense_projection_mib']:.1f}"] for r in memory_rows]), "",
           "## MI(σ) curves (nats; one reading per σ, ± standard error; floor = first σ with MI < 0.05)", ""]
     for key, curve in payload["curves"].items():
         md.append(f"### {key}\n")

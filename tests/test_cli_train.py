@@ -66,8 +66,16 @@ def test_cli_writes_all_outputs(cli_run):
     assert summary["steps"] == len(history) == history[-1]["step"] > 0
     assert [r["step"] for r in history] == list(range(1, len(history) + 1))
     for record in history:
-        assert {"step", "epoch", "noise_multiplier", "epsilon", "loss", "mi"} <= record.keys()
-        assert record["mi"] is None and record["noise_multiplier"] == 1.0
+        assert {"step", "epoch", "noise_multiplier", "epsilon", "loss", "mi", "mi_gap", "sigma_floor",
+                "controller_error"} <= record.keys()
+        assert record["noise_multiplier"] == 1.0 and record["sigma_floor"] is None  # no controller, no budget
+        # the default monitor (audit fraction 0.02, every 10 steps) reads MI for steps 1, 11, 21, ...
+        monitored = (record["step"] - 1) % 10 == 0
+        assert (record["mi"] is not None) == monitored == (record["mi_gap"] is not None)
+        if monitored:  # nats; capacity bound of the Gaussian mechanism at σ = 1: 1 / (2σ²)
+            assert 0 <= record["mi"] <= 0.5
+    assert summary["mi_readings"] == sum(r["mi"] is not None for r in history) >= 2
+    assert summary["guarantee_epsilon"] is None and summary["odometer_epsilon"] == summary["epsilon"]
     assert summary["epsilon"] == history[-1]["epsilon"] and summary["delta"] == 1e-5
     assert 0.1 < summary["test_accuracy"] <= 1.0
     assert len(summary["epoch_times_s"]) == 1 and summary["wall_time_s"] > 0
@@ -77,7 +85,9 @@ def test_cli_writes_all_outputs(cli_run):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("_module.") for k in state["model_state_dict"])
     assert {"optimizer_state_dict", "accountant_state_dict", "config", "dataset_info", "history",
-            "rng_states", "epoch"} <= state.keys()
+            "rng_states", "epoch", "adaptive_state"} <= state.keys()
+    assert state["adaptive_state"]["history"][-1]["step"] == len(history)
+    assert state["adaptive_state"]["monitor"] is not None and state["adaptive_state"]["controller"] is None
     assert state["history"] == history and state["epoch"] == 1
 
 
@@ -108,6 +118,11 @@ def test_offline_wandb_run_holds_the_jsonl_values(cli_run):
         assert row["privacy/epsilon"] == record["epsilon"]
         assert row["privacy/noise_multiplier"] == record["noise_multiplier"]
         assert row["train/loss"] == record["loss"]
+        if record["mi"] is None:
+            assert "leakage/mi" not in row
+        else:
+            assert row["leakage/mi"] == record["mi"] and row["leakage/mi_gap"] == record["mi_gap"]
+    assert sum("leakage/mi" in row for row in rows.values()) == summary["mi_readings"] >= 2
     assert rows[history[-1]["step"]]["test/accuracy"] == summary["test_accuracy"]
 
 
@@ -157,6 +172,7 @@ def test_seed_repeats_the_run(cli_run, tmp_path):
 def test_target_epsilon_is_met(tmp_path):
     summary = train(tiny_config(tmp_path, target_epsilon=2.0), progress=False)
     assert 1.9 < summary["epsilon"] <= 2.0
+    assert summary["guarantee_epsilon"] == pytest.approx(2.0)
     assert summary["noise_multiplier"] != 1.0  # chosen by opacus, not the --noise-multiplier default
 
 
@@ -174,8 +190,10 @@ def test_failing_wandb_never_stops_training(tmp_path, monkeypatch):
     ("argv", "message"),
     [
         (["--dataset", "imagenet"], "imagenet"),
-        (["--target-mi", "0.5"], "adaptive engine"),
-        (["--controller", "pid"], "adaptive engine"),
+        (["--audit-fraction", "0", "--target-mi", "0.5"], "--audit-fraction"),
+        (["--controller", "pid"], "--target-mi"),
+        (["--sigma-end", "0.5"], "--controller linear"),
+        (["--audit-fraction", "1.5"], "audit_fraction must be"),
         (["--epochs", "0"], "epochs must be"),
         (["--lr", "-1"], "lr must be"),
     ],

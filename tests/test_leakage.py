@@ -263,6 +263,8 @@ def test_bad_input(digits):
         LeakageMonitor(model, (x, y[:5]), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="unknown estimator"):
         LeakageMonitor(model, (x, y), max_grad_norm=1.0, estimator="dv")
+    with pytest.raises(ValueError, match="do not apply"):
+        LeakageMonitor(model, (x, y), max_grad_norm=1.0, critic_steps=3)
     with pytest.raises(ValueError, match="max_grad_norm"):
         LeakageMonitor(model, (x, y), max_grad_norm=0.0)
     monitor = LeakageMonitor(model, (x, y), max_grad_norm=1.0)

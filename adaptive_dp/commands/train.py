@@ -2,6 +2,11 @@
 
 Writes into ``--out`` (default ``runs/<UTC timestamp>``): ``history.jsonl`` (one record per optimizer step),
 ``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` and the W&B run under ``wandb/``.
+
+By default 2 % of the training set is held out as the audit split (never trained on) and the leakage monitor
+reads MI every 10 steps; ``--target-mi`` with ``--controller`` adapts σ, ``--target-epsilon`` adds a hard
+budget (Rényi filter). If the budget cannot pay for another step, training stops early, writes all outputs
+(``stopped_early: true`` in the summary) and exits 0: the budget did its job.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import warnings
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``adaptive-dp train`` to ``parser``."""
-    from adaptive_dp.training import TrainConfig  # stdlib-only at import time: --help stays fast
+    # stdlib-only at import time: --help stays fast
+    from adaptive_dp.training import CONTROLLER_NAMES, ESTIMATORS, TOKEN_ENCODERS, TrainConfig
 
     d = vars(TrainConfig())
     data = parser.add_argument_group("data and model")
@@ -47,12 +53,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
                          help="per-sample gradient clipping norm C (default: %(default)s)")
     privacy.add_argument("--target-epsilon", type=float, default=None,
-                         help="choose σ so that the run spends this ε at --delta")
+                         help="hard budget: start at the σ that spends this ε at --delta over --epochs, and let "
+                              "a Rényi filter floor σ so the guarantee is this ε (also with --controller)")
     privacy.add_argument("--delta", type=float, default=d["delta"], help="δ of every ε (default: %(default)s)")
-    privacy.add_argument("--target-mi", type=float, default=None,
-                         help="MI ceiling in nats for the noise controller (needs the adaptive engine)")
-    privacy.add_argument("--controller", default=None,
-                         help="noise controller, e.g. pid (needs the adaptive engine)")
+
+    loop = parser.add_argument_group("leakage monitor and noise controller")
+    loop.add_argument("--target-mi", type=float, default=None, metavar="NATS",
+                      help="MI ceiling in nats per audit example; the controller (default pid) adapts σ to stay "
+                           "under it. Without --target-epsilon the ε is an odometer, not a guarantee")
+    loop.add_argument("--controller", choices=CONTROLLER_NAMES, default=None,
+                      help="pid, threshold (feedback: need --target-mi) or a schedule from --noise-multiplier to "
+                           "--sigma-end over the planned steps: linear, staircase, exponential, cyclic, constant")
+    loop.add_argument("--estimator", choices=ESTIMATORS, default=d["estimator"],
+                      help="leakage estimator (default: %(default)s)")
+    loop.add_argument("--token-encoder", choices=TOKEN_ENCODERS, default=d["token_encoder"],
+                      help="privacy-token encoder of --estimator token-mine (default: %(default)s)")
+    loop.add_argument("--audit-fraction", type=float, default=d["audit_fraction"],
+                      help="share of the training set held out as the audit split the monitor reads (never "
+                           "trained on, no DP protection of its own); 0 turns the monitor off (default: "
+                           "%(default)s)")
+    loop.add_argument("--monitor-every", type=int, default=d["monitor_every"],
+                      help="optimizer steps between leakage readings; the first is before step 1 "
+                           "(default: %(default)s)")
+    loop.add_argument("--sigma-min", type=float, default=None,
+                      help="lowest σ the controller may set (default: 0.3, or the starting σ if lower)")
+    loop.add_argument("--sigma-max", type=float, default=None,
+                      help="highest σ the controller may set; with --target-epsilon, training stops when the "
+                           "budget needs more (default: 10, or the starting σ if higher)")
+    loop.add_argument("--sigma-end", type=float, default=None,
+                      help="final σ of a schedule --controller (default: starting σ / 3)")
 
     track = parser.add_argument_group("tracking and outputs")
     track.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default=None,
@@ -87,10 +116,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
         return 2
     outputs = summary["outputs"]
+    lo, hi = summary["noise_multiplier_range"]
+    sigma = f"σ = {lo:.3f}" if lo == hi else f"σ {lo:.3f}–{hi:.3f}"
     print(
-        f"test accuracy {summary['test_accuracy']:.4f}, ε = {summary['epsilon']:.3f} at δ = {summary['delta']:g} "
-        f"(σ = {summary['noise_multiplier']:.3f}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)"
+        f"test accuracy {summary['test_accuracy']:.4f}, ε = {summary['odometer_epsilon']:.3f} at δ = "
+        f"{summary['delta']:g} (odometer; {sigma}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)"
     )
+    if summary["guarantee_epsilon"] is not None:
+        print(f"guarantee: ε = {summary['guarantee_epsilon']:.3f} at δ = {summary['delta']:g} (Rényi filter budget)")
+    if summary["mi_readings"]:
+        line = (f"leakage: {summary['mi_readings']} readings, MI mean {summary['mean_mi']:.3f}, max "
+                f"{summary['max_mi']:.3f}, final {summary['final_mi']:.3f} nats")
+        if summary["fraction_over_ceiling"] is not None:
+            line += (f"; {100 * summary['fraction_over_ceiling']:.0f} % of readings over the ceiling "
+                     f"{summary['target_mi']:g}")
+        print(line)
+    if summary["stopped_early"]:
+        print(f"stopped early (privacy budget exhausted; the model trained so far is saved): {summary['stop_reason']}")
     print(f"results in {outputs['dir']}/")
     for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
         if outputs.get(key):
