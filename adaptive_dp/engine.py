@@ -444,9 +444,12 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             return None, lo, hi, target_mi
         from controllers import build_controller
 
+        # The controller is asked for step t + 1's σ after t steps, so a schedule spanning total_steps - 1
+        # updates runs σ_start at the first planned step and exactly sigma_end at the last one.
+        schedule_span = None if total_steps is None else max(1, int(total_steps) - 1)
         built = build_controller(
             controller, target_mi=target_mi, sigma_min=lo, sigma_max=hi, initial=initial,
-            total_steps=total_steps, sigma_end=sigma_end, **(options or {}),
+            total_steps=schedule_span, sigma_end=sigma_end, **(options or {}),
         )
         return built, float(built.sigma_min), float(built.sigma_max), target_mi
 

@@ -296,10 +296,9 @@ def make_private(engine, config: TrainConfig, *, model, optimizer, data_loader, 
             **common, target_epsilon=config.target_epsilon, target_delta=config.delta, epochs=config.epochs
         )
     planned_steps = config.epochs * len(data_loader)  # opacus: q = 1 / len(loader), 1 / q steps per epoch
-    # a schedule reaches sigma_end at t = total_steps, and the engine asks for step t + 1's σ with t steps
-    # taken: total_steps = planned − 1 makes the last planned step run at sigma_end.
+    # the engine spans a schedule over the planned steps: σ_start at step 1, sigma_end at the last one.
     return engine.make_private(**common, noise_multiplier=config.noise_multiplier,
-                               total_steps=max(1, planned_steps - 1), target_delta=config.delta)
+                               total_steps=planned_steps, target_delta=config.delta)
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:

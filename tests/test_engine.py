@@ -206,7 +206,10 @@ def test_prv_accountant_stays_opacus_prv():
     reference = PRVAccountant()
     for record in engine.history:
         reference.step(noise_multiplier=record["noise_multiplier"], sample_rate=0.25)
-    assert len({r["noise_multiplier"] for r in engine.history}) == 5
+    sigmas = [r["noise_multiplier"] for r in engine.history]
+    # a schedule over 4 planned steps: sigma_start at step 1, exactly sigma_end at step 4, then held
+    assert sigmas[0] == pytest.approx(2.0) and sigmas[3] == pytest.approx(1.0) and sigmas[5] == pytest.approx(1.0)
+    assert len(set(sigmas)) == 4
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     assert all(r["epsilon"] is None for r in engine.history)  # PRV is too slow to ask after every step
 
@@ -274,7 +277,8 @@ def test_schedule_epochs_count_steps_of_the_carved_loader():
     engine = AdaptivePrivacyEngine()
     engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=2.0,
                         max_grad_norm=1.0, controller="linear", sigma_end=1.0, epochs=3, audit_fraction=0.2)
-    assert engine.controller.total_steps == 3 * 8  # 80 trained examples in batches of 10
+    # 80 trained examples in batches of 10: 24 planned steps, so the schedule spans 23 updates (step 1 → 24)
+    assert engine.controller.total_steps == 3 * 8 - 1
 
 
 def test_audit_data_and_fraction_are_exclusive():
@@ -367,9 +371,10 @@ def test_virtual_steps_are_booked_once():
     assert physical > 6
     assert len(engine.history) == 6 == sum(n for _, _, n in engine.accountant.history)
     assert [r["step"] for r in engine.history] == list(range(1, 7))
-    expected = LinearDecay(sigma_start=1.0, sigma_end=0.5, total_steps=6)
-    assert [r["noise_multiplier"] for r in engine.history] == pytest.approx(
-        [expected.sigma_at(t) for t in range(6)])
+    expected = LinearDecay(sigma_start=1.0, sigma_end=0.5, total_steps=5)  # 6 planned steps, 5 updates
+    sigmas = [r["noise_multiplier"] for r in engine.history]
+    assert sigmas == pytest.approx([expected.sigma_at(t) for t in range(6)])
+    assert sigmas[0] == 1.0 and sigmas[-1] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
