@@ -242,9 +242,6 @@ def attack(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Attack; print the summary and where the results went. Returns 0, or 2 with one error line for bad input."""
-    import torch
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     try:
         result = attack(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
