@@ -11,15 +11,6 @@ from PIL import Image
 from adaptive_dp.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _attack(tmp_path, *argv: str) -> dict:
     code = main(["attack", "--no-progress", "--out", str(tmp_path), *argv])
     assert code == 0

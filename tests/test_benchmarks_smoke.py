@@ -26,17 +26,6 @@ import leakage_validity  # noqa: E402
 import policies  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The scripts run with one torch thread (2 shared cores); two threads here oversubscribe the machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_print_summary_is_one_json_line_with_nan_as_null():
     buffer = io.StringIO()
     with redirect_stdout(buffer):

@@ -26,15 +26,6 @@ from controllers import LinearDecay, PIDController
 pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budget:UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops: one intra-op thread is much faster than two on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _setup(*, n: int = 64, batch: int = 16, d: int = 8, classes: int = 3, seed: int = 0, index_feature=False):
     torch.manual_seed(seed)
     x = torch.randn(n, d)

@@ -28,15 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budg
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops: one intra-op thread is much faster than two on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScriptedController:
     """A controller (the engine's protocol) that asks for a scripted σ sequence, raised to the budget floor."""
 

@@ -26,16 +26,7 @@ EVERY = 5
 WARM_UP = 8  # readings
 
 
-@pytest.fixture
-def one_thread():
-    # small ops: one intra-op thread is faster than two on a shared machine, and the run is reproducible
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_pid_holds_leakage_under_the_ceiling_on_digits(one_thread):
+def test_pid_holds_leakage_under_the_ceiling_on_digits():
     torch.manual_seed(0)
     dataset = load_dataset("digits")
     model = build_model("small-cnn", in_channels=1, num_classes=10, image_size=8, seed=0)

@@ -10,14 +10,6 @@ from adaptive_dp.features import FeatureExtractor, default_feature_layers
 from adaptive_dp.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hook_count(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 

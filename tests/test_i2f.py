@@ -21,15 +21,6 @@ from adaptive_dp.models import build_model
 CLIP = 1.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setting():
     """The digits LeNet in float64 (D = 64 pixels, P ≈ 8 000 parameters: J is 64 × 8 026)."""

@@ -14,15 +14,6 @@ N = 64
 SIGMAS = [0.0, 3e-3, 0.01, 0.1, 0.3, 1.0, 2.0, 4.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def candidates():
     ds = load_dataset("digits", split="test")

@@ -29,14 +29,6 @@ from adaptive_dp.models import build_model
 ESTIMATORS = [("likelihood-ratio", "autoencoder"), ("token-mine", "projection"), ("token-mine", "autoencoder")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """(train subset, audit subset) of scikit-learn's 8×8 digits, audit = 128 held-out examples."""
@@ -52,8 +44,6 @@ def _model(seed: int = 0) -> torch.nn.Module:
 def trained(digits):
     """small-cnn trained 300 SGD steps on the digits training part (most audit gradients fall below C = 1)."""
     train, _ = digits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -66,7 +56,6 @@ def trained(digits):
             step += 1
             if step == 300:
                 break
-    torch.set_num_threads(threads)
     return model
 
 

@@ -23,15 +23,6 @@ N, P, C = 128, 48, 1.0
 DRAWS = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads under load run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clipped_gradients(n: int = N, p: int = P, *, clip: float = C, seed: int = 0) -> torch.Tensor:
     """Synthetic per-example gradients: anisotropic Gaussian rows, clipped to norm <= clip (many below it)."""
     g = torch.Generator().manual_seed(seed)

@@ -29,15 +29,6 @@ from adaptive_dp.mine import (
 N = 20_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads under load run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def correlated_gaussians(d: int, rho: float, *, n: int = N, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x ~ N(0, I_d), z = ρx + √(1−ρ²)ε: each coordinate pair has correlation ρ; MI = −d/2·log(1−ρ²)."""
     g = torch.Generator().manual_seed(seed)
