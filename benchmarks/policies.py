@@ -100,7 +100,7 @@ FULL = {
                             ceiling_policies=("capacity", "empirical", "linear", "threshold", "pid")),
 }
 QUICK = PolicyConfig(epochs=2, batch_size=128, n_train=1024, n_audit=64, n_test=1000, monitor_every=4,
-                     attack_images=1, attack_iterations=20, id_trials=2)
+                     attack_images=1, attack_iterations=20, id_trials=2, met_fraction=0.25)
 
 
 # ------------------------------------------------------------------------------------------------ data
