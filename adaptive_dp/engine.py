@@ -15,6 +15,10 @@ Per optimizer step the engine asks the controller for σ (with the budget floor)
 ``optimizer.noise_multiplier`` *before* opacus adds the noise, so the noise and the accountant both see
 it, charges the filter, and appends a record to :attr:`AdaptivePrivacyEngine.history`. Why this keeps the
 accounting sound is argued in ``docs/accounting.md``.
+
+Under torch.distributed (the model wrapped in opacus' DPDDP or torch's DDP before ``make_private``, a process
+group of > 1 process) rank 0 runs the monitor and the controller and broadcasts its decision every step, so
+the σ rank 0 adds as noise is the σ every rank's accountant and filter book; see ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
 import adaptive_dp.accounting  # noqa: F401  (registers the "rdp_incremental" accountant with opacus)
+from adaptive_dp import distributed as ddp
 from adaptive_dp.audit import as_audit_dataset, carve_audit_split
 from adaptive_dp.budget import PrivacyBudgetExhausted, RenyiFilter
 
@@ -101,6 +106,8 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         self._user_sigma: float | None = None  # σ the user set (used when no controller decides)
         self._last_set_sigma: float | None = None
         self._warned_no_guarantee = False
+        self._distributed = False  # model wrapped in DPDDP / DDP under a process group of > 1 process
+        self._rank = 0
 
     # ------------------------------------------------------------------ make_private
     def make_private(
@@ -333,7 +340,9 @@ class AdaptivePrivacyEngine(PrivacyEngine):
                     f"sigma_max below it (got sigma_max={self.sigma_max})"
                 )
 
-        # 4. opacus does the wrapping.
+        # 4. opacus does the wrapping (a DPDDP / DDP module gets the distributed optimizer and Poisson loader).
+        self._distributed = ddp.is_distributed() and isinstance(module, (ddp.DPDDP, ddp.DDP))
+        self._rank = ddp.get_rank() if self._distributed else 0
         out = super().make_private(
             module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
             noise_multiplier=float(noise_multiplier), max_grad_norm=max_grad_norm, clipping=clipping,
@@ -361,14 +370,18 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             self.budget_filter = None
 
         # 6. The monitor.
+        # Under DDP it runs on rank 0 only, on the plain model inside the wrappers (the monitor reads through
+        # a hook-free copy, so no collective is entered on one rank alone); σ is broadcast from rank 0.
         self.monitor = None
-        if audit is not None:
+        if audit is not None and self._rank == 0:
             from adaptive_dp.leakage import LeakageMonitor
 
             options = {"loss_fn": criterion, **(monitor_options or {})}
             watched = private_module
             if grad_sample_mode == "ew":  # its forward is ExpandedWeights, which torch.func cannot trace
                 watched = private_module._module
+            if self._distributed:
+                watched = ddp.unwrap_distributed(private_module)
             self.monitor = LeakageMonitor(
                 watched, audit, max_grad_norm=self._clipping_norm(), estimator=estimator,
                 token_encoder=token_encoder, seed=seed, clipping="per_layer" if clipping == "per_layer" else "flat",
@@ -463,6 +476,15 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             return engine._step(opt, original_step, closure)
 
         optimizer.step = types.MethodType(step, optimizer)
+        reduce = getattr(optimizer, "reduce_gradients", None)
+        if self._distributed and reduce is not None and not hasattr(optimizer, "_adaptive_dp_original_reduce"):
+            optimizer._adaptive_dp_original_reduce = reduce
+
+            def reduce_gradients(opt):
+                with ddp.collective_errors(f"all-reduce of the noisy gradients at step {len(engine.history)}"):
+                    return reduce()
+
+            optimizer.reduce_gradients = types.MethodType(reduce_gradients, optimizer)
         previous_hook = optimizer.step_hook  # opacus' accountant hook: chained, never overwritten
 
         def hook(opt: DPOptimizer) -> None:
@@ -485,7 +507,32 @@ class AdaptivePrivacyEngine(PrivacyEngine):
 
     def _decide_sigma(self, optimizer: DPOptimizer) -> dict[str, Any]:
         step = len(self.history) + 1
+        # every rank's filter has booked the same σ's, so every rank computes the same floor (and raises
+        # PrivacyBudgetExhausted at the same step without a collective)
         floor = self._budget_floor() if self.budget_filter is not None else None
+        if not self._distributed:
+            return self._decide_locally(optimizer, step, floor)
+        decision: Any = None
+        if self._rank == 0:
+            try:
+                decision = self._decide_locally(optimizer, step, floor)
+            except Exception as exc:  # noqa: BLE001 - tell the other ranks before raising
+                ddp.broadcast_object(("error", f"{type(exc).__name__}: {exc}"), what=f"σ of step {step}")
+                raise
+        decision = ddp.broadcast_object(decision, what=f"broadcast of σ for step {step} from rank 0")
+        if isinstance(decision, tuple):
+            raise RuntimeError(f"rank 0 could not decide σ for step {step}: {decision[1]}")
+        if decision["step"] != step or (floor is not None and decision["noise_multiplier"] < floor):
+            raise ddp.DistributedError(
+                f"rank {self._rank} is out of step with rank 0: rank 0 decided step {decision['step']} "
+                f"(σ = {decision['noise_multiplier']}), this rank is at step {step} (floor {floor}); every rank "
+                "must call optimizer.step() the same number of times"
+            )
+        optimizer.noise_multiplier = float(decision["noise_multiplier"])
+        self._last_set_sigma = optimizer.noise_multiplier
+        return dict(decision)
+
+    def _decide_locally(self, optimizer: DPOptimizer, step: int, floor: float | None) -> dict[str, Any]:
         reading, self._pending = self._pending, None
         mi = mi_gap = error = monitor_error = None
         measurement: float | None = None

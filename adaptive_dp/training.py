@@ -96,6 +96,9 @@ class TrainConfig:
         out: output folder (None: ``runs/<UTC timestamp>``).
         test_batch_size: batch size for evaluation (no privacy cost).
         num_workers: DataLoader worker processes.
+        dist_timeout: seconds; under ``torchrun`` (``WORLD_SIZE`` > 1) the bound on joining the process group
+            and on every collective, so that a rank that dies or hangs makes the others fail with
+            ``adaptive_dp.distributed.DistributedError`` instead of hanging (see ``docs/distributed.md``).
     """
 
     dataset: str = "digits"
@@ -126,6 +129,7 @@ class TrainConfig:
     out: str | None = None
     test_batch_size: int = 1024
     num_workers: int = 0
+    dist_timeout: float = 60.0
 
     def validate(self) -> None:
         """Check every option.
@@ -140,6 +144,7 @@ class TrainConfig:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         _positive_float("lr", self.lr)
         _positive_float("max_grad_norm", self.max_grad_norm)
+        _positive_float("dist_timeout", self.dist_timeout)
         if not (isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
                 and self.noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
@@ -413,8 +418,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside an opacus GradSampleModule (or ``model`` itself)."""
-    return getattr(model, "_module", model)
+    """The plain module inside an opacus GradSampleModule and/or a DPDDP / DDP wrapper (or ``model`` itself)."""
+    from adaptive_dp.distributed import unwrap_distributed
+
+    return unwrap_distributed(getattr(model, "_module", model))
 
 
 def rng_states() -> dict[str, Any]:
@@ -600,20 +607,39 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         ValueError: bad options (unknown data set/model/device/controller, ``target_mi`` without the monitor ...).
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
     """
-    import torch
-    from torch.nn import functional as F
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from adaptive_dp.budget import PrivacyBudgetExhausted
-    from adaptive_dp.data import audit_split, load_dataset
-    from adaptive_dp.models import build_model
-    from adaptive_dp.tracking import Tracker
+    from adaptive_dp import distributed as ddp
 
     t_start = time.perf_counter()
     config = dataclasses.replace(config)
     config.validate()
     device = resolve_device(config.device)
+    if not ddp.launched_by_torchrun():
+        return _train(config, device=device, progress=progress, t_start=t_start, context=None)
+    # under torchrun: one process per rank, DPDDP + opacus' distributed optimizer (rank 0 adds the noise)
+    owned = not ddp.is_distributed()
+    context = ddp.init_distributed(timeout_s=config.dist_timeout, device=str(device))
+    try:
+        return _train(config, device=device, progress=progress and context.is_main, t_start=t_start,
+                      context=context)
+    finally:
+        if owned:
+            ddp.shutdown()
+
+
+def _train(config: TrainConfig, *, device, progress: bool, t_start: float, context) -> dict[str, Any]:
+    """:func:`train` after validation; ``context``: the DistributedContext under torchrun, else None."""
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from adaptive_dp import distributed as ddp
+    from adaptive_dp.budget import PrivacyBudgetExhausted
+    from adaptive_dp.data import audit_split, load_dataset
+    from adaptive_dp.models import build_model
+    from adaptive_dp.tracking import Tracker
+
+    rank = context.rank if context is not None else 0
 
     full_train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
     test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
@@ -625,10 +651,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"batch_size {config.batch_size} exceeds the training set ({len(train_set)} examples)")
 
     out = Path(config.out) if config.out else default_out_dir()
+    if context is not None:  # rank 0's folder (a timestamped default differs between ranks)
+        out = Path(ddp.broadcast_object(str(out), what="broadcast of the output folder"))
     config.out = str(out)
     seed_everything(config.seed)
     model = build_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size, seed=config.seed).to(device)
+    if context is not None:
+        model = ddp.wrap_model(model)  # DPDDP: rank 0's initial parameters on every rank
     optimizer = make_optimizer(config, model.parameters())
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
@@ -638,6 +668,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     engine = make_engine(config)
     model, optimizer, train_loader = make_private(engine, config, model=model, optimizer=optimizer,
                                                   data_loader=train_loader, audit_data=audit_set)
+    if context is not None:  # each rank Poisson-samples its shard at the global q, with its own generator
+        train_loader = ddp.distributed_poisson_loader(
+            train_loader, generator=torch.Generator().manual_seed(config.seed + 1_000_003 * rank))
     initial_sigma = float(optimizer.noise_multiplier)
     sample_rate = float(getattr(train_loader, "sample_rate", 1.0 / len(train_loader)))
     history: list[dict[str, Any]] = []
@@ -646,8 +679,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     step = 0
     last_mi: float | None = None
     stop_reason: str | None = None
-    with Tracker(out, config=config.to_dict(), mode=config.wandb_mode, project=config.wandb_project,
-                 run_name=out.name) as tracker:
+    if context is None or rank == 0:
+        tracker = Tracker(out, config=config.to_dict(), mode=config.wandb_mode, project=config.wandb_project,
+                          run_name=out.name)
+    if context is not None:  # every rank: OUT/history.rank<R>.jsonl; rank 0 also the main tracker
+        tracker = ddp.RankTracker(out, rank=rank, main=tracker if rank == 0 else None)
+    with tracker:
         for epoch in range(1, config.epochs + 1):
             t_epoch = time.perf_counter()
             model.train()
@@ -708,6 +745,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             initial_sigma=initial_sigma, stop_reason=stop_reason, device=device, t_start=t_start,
             sizes={"train_size": len(train_set), "audit_size": len(audit_set) if audit_set is not None else 0,
                    "test_size": len(test_set)},
+            context=context,
         )
     return summary
 
@@ -747,11 +785,31 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
     }
 
 
-def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info, out: Path, history, epoch_records,
-                epoch_times, sample_rate, initial_sigma, stop_reason, device, t_start, sizes) -> dict[str, Any]:
-    """Trade-off figure, checkpoint and summary of a (possibly stopped-early) run; returns the summary."""
+def _write_figure_and_checkpoint(config: TrainConfig, *, tracker, engine, model, optimizer, info, history,
+                                 epoch_records, outputs, extra) -> None:
+    """``tradeoff.png`` (its path set to None in ``outputs`` if drawing fails) and ``checkpoint.pt``."""
     from adaptive_dp.plots import plot_tradeoff
 
+    try:
+        plot_tradeoff(history, epoch_records, outputs["tradeoff"], delta=config.delta, target_mi=config.target_mi,
+                      guarantee_epsilon=extra["guarantee_epsilon"],
+                      title=f"{config.dataset} / {config.model}: DP-SGD"
+                            + (f", {config.controller}" if config.controller else ""))
+        tracker.log_image(outputs["tradeoff"], "plots/tradeoff")
+    except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the trained model
+        logger.warning("could not draw the trade-off figure: %s", exc)
+        outputs["tradeoff"] = None
+    save_checkpoint(outputs["checkpoint"], model=model, optimizer=optimizer, engine=engine, config=config,
+                    dataset_info=info, history=history, epochs=epoch_records, extra=extra)
+
+
+def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info, out: Path, history, epoch_records,
+                epoch_times, sample_rate, initial_sigma, stop_reason, device, t_start, sizes,
+                context=None) -> dict[str, Any]:
+    """Trade-off figure, checkpoint and summary of a (possibly stopped-early) run; returns the summary.
+
+    Under DDP (``context`` given) only rank 0 draws the figure and writes the checkpoint and summary.
+    """
     final = epoch_records[-1]
     noise_multiplier = float(optimizer.noise_multiplier)
     privacy = engine.privacy_summary(config.delta)
@@ -767,23 +825,20 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
         "checkpoint": str(out / "checkpoint.pt"),
         "wandb": str(tracker.wandb_dir) if tracker.wandb_dir is not None else None,
     }
-    try:
-        plot_tradeoff(history, epoch_records, outputs["tradeoff"], delta=config.delta, target_mi=config.target_mi,
-                      guarantee_epsilon=guarantee,
-                      title=f"{config.dataset} / {config.model}: DP-SGD"
-                            + (f", {config.controller}" if config.controller else ""))
-        tracker.log_image(outputs["tradeoff"], "plots/tradeoff")
-    except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the trained model
-        logger.warning("could not draw the trade-off figure: %s", exc)
-        outputs["tradeoff"] = None
-    save_checkpoint(
-        outputs["checkpoint"], model=model, optimizer=optimizer, engine=engine, config=config,
-        dataset_info=info, history=history, epochs=epoch_records,
-        extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "epsilon": odometer,
-               "odometer_epsilon": odometer, "guarantee_epsilon": guarantee, "delta": config.delta,
-               "test_accuracy": final["test_accuracy"], "stopped_early": stop_reason is not None,
-               "adaptive_state": engine.adaptive_state_dict()},
-    )
+    main = context is None or context.is_main
+    if context is not None:
+        outputs["rank_history"] = str(tracker.rank_history_path)
+    if main:
+        _write_figure_and_checkpoint(
+            config, tracker=tracker, engine=engine, model=model, optimizer=optimizer, info=info, history=history,
+            epoch_records=epoch_records, outputs=outputs,
+            extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "epsilon": odometer,
+                   "odometer_epsilon": odometer, "guarantee_epsilon": guarantee, "delta": config.delta,
+                   "test_accuracy": final["test_accuracy"], "stopped_early": stop_reason is not None,
+                   "adaptive_state": engine.adaptive_state_dict()},
+        )
+    else:  # under DDP only rank 0 draws the figure and writes the checkpoint
+        outputs["tradeoff"] = outputs["checkpoint"] = None
     if guarantee is not None:
         meaning = (f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); "
                    "epsilon = odometer_epsilon: the RDP accountant's composition of the σ history used")
@@ -819,6 +874,8 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
         "epoch_times_s": epoch_times,
         "per_epoch": epoch_records,
         "device": str(device),
+        "distributed": None if context is None else {"rank": context.rank, "world_size": context.world_size,
+                                                     "backend": context.backend, "timeout_s": context.timeout_s},
         "engine": f"{type(engine).__module__}.{type(engine).__name__}",
         "accountant": privacy["accountant"],
         "dataset": {"name": info.name, **sizes, "num_classes": info.num_classes, "image_size": info.image_size},

@@ -46,6 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--test-batch-size", type=int, default=d["test_batch_size"], help=argparse.SUPPRESS)
     opt.add_argument("--num-workers", type=int, default=d["num_workers"],
                      help="DataLoader worker processes (default: %(default)s)")
+    opt.add_argument("--dist-timeout", type=float, default=d["dist_timeout"], metavar="SECONDS",
+                     help="under torchrun (e.g. `torchrun --nproc_per_node=2 -m adaptive_dp.cli train ...`): bound "
+                          "on joining the process group and on every collective; a rank that dies makes the "
+                          "others fail with a clear error after at most this long (default: %(default)s)")
 
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--noise-multiplier", type=float, default=d["noise_multiplier"],
@@ -115,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "DistributedError":  # adaptive_dp.distributed (not imported here: fast --help)
+            raise
+        print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
+        return 1
+    if (summary.get("distributed") or {}).get("rank", 0) != 0:
+        return 0  # under torchrun rank 0 reports the run
     outputs = summary["outputs"]
     lo, hi = summary["noise_multiplier_range"]
     sigma = f"σ = {lo:.3f}" if lo == hi else f"σ {lo:.3f}–{hi:.3f}"
