@@ -7,7 +7,9 @@ audit example it was and that noisy gradient. Two estimators, by name (``ESTIMAT
 
 - ``"likelihood-ratio"`` — model-aware and training-free: the optimal critic for the Gaussian mechanism,
   T(x_j, g̃_i) = −‖g̃_i − g_j‖²/(2σ²C²), over all N×N audit pairs with InfoNCE
-  (:func:`adaptive_dp.mine.likelihood_ratio_mi`); capped at log N.
+  (:func:`adaptive_dp.mine.likelihood_ratio_mi`); capped at log N. Computed from the N×N Gram matrix of the
+  centred clipped audit gradients, with the noise's projections onto them drawn from their exact Gaussian law
+  (:class:`LikelihoodRatioEstimator`): the same estimate as explicit noisy gradients, without N·P noise draws.
 - ``"token-mine"`` — the learned privacy-token estimator (Meng et al. 2025, arXiv 2502.02913) made
   model-aware: a critic compares the privacy token of the noisy gradient with the token of each
   candidate's own clean gradient (a learned, noise-normalised distance) beside the candidate's
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptive_dp.features import FeatureExtractor
-from adaptive_dp.mine import MIEstimate, likelihood_ratio_mi, mine_loss
+from adaptive_dp.mine import MIEstimate, mine_loss
 from adaptive_dp.tokens import TOKEN_ENCODERS, TokenEncoder, build_token_encoder
 
 __all__ = [
@@ -51,9 +53,14 @@ __all__ = [
     "TokenCritic",
     "TokenMINEEstimator",
     "TokenNoiseModel",
+    "centred_gram",
+    "clip_factors",
     "clip_per_sample",
+    "gaussian_cross_products",
     "hook_free_copy",
+    "likelihood_ratio_scores_from_gram",
     "per_sample_gradients",
+    "per_sample_norms",
 ]
 
 
@@ -175,11 +182,39 @@ def per_sample_gradients(
     for start in range(0, x.shape[0], batch_size):
         with torch.enable_grad():
             chunks.append(per_example(params, x[start:start + batch_size], y[start:start + batch_size]))
+    if len(chunks) == 1:  # one vmap call: its outputs are already [N, *shape], no copy
+        return [chunks[0][name] for name in params]
     return [torch.cat([c[name] for c in chunks]) for name in params]
 
 
-def clip_per_sample(grads: Sequence[Tensor], max_grad_norm: float | Sequence[float], *, per_layer: bool = False
-                    ) -> list[Tensor]:
+def per_sample_norms(grads: Sequence[Tensor]) -> Tensor:
+    """[N, L] norms of each example's gradient in each of the L parameter tensors (one pass over the data).
+
+    The flat norm of example i is ``norms[i].norm()`` (opacus' ``DPOptimizer`` computes it the same way). A
+    NaN or inf anywhere in ``grads[l][i]`` makes ``norms[i, l]`` non-finite, so one check of this small matrix
+    replaces a finiteness check of every gradient entry.
+    """
+    n = grads[0].shape[0]
+    return torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads], dim=1)
+
+
+def clip_factors(norms: Tensor, max_grad_norm: float | Sequence[float], *, per_layer: bool = False) -> Tensor:
+    """[N, L] factors min(1, C / (‖g‖ + 1e-6)) that clip per-sample gradients with norms ``norms`` [N, L].
+
+    Flat: one factor per example (‖g_i‖ over all layers), repeated over the L columns. Per layer: each
+    layer l clipped to its own C_l (``max_grad_norm`` a list, or C/√L each when a float).
+
+    Source: Abadi et al. 2016, Alg. 1; opacus ``DPOptimizer.clip_and_accumulate``.
+    """
+    if per_layer:
+        limits = norms.new_tensor(_per_layer_norms(max_grad_norm, norms.shape[1]))
+        return (limits / (norms + 1e-6)).clamp(max=1.0)
+    factor = (float(max_grad_norm) / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    return factor.unsqueeze(1).expand_as(norms)
+
+
+def clip_per_sample(grads: Sequence[Tensor], max_grad_norm: float | Sequence[float], *, per_layer: bool = False,
+                    inplace: bool = False) -> list[Tensor]:
     """Clip per-sample gradients as opacus' DPOptimizer does.
 
     Flat: g_i ← g_i · min(1, C / (‖g_i‖ + 1e-6)) with ‖g_i‖ over all layers. Per layer: each layer l is
@@ -189,23 +224,24 @@ def clip_per_sample(grads: Sequence[Tensor], max_grad_norm: float | Sequence[flo
         grads: per-layer [N, *shape] tensors.
         max_grad_norm: C (flat) or per-layer C_l.
         per_layer: per-layer clipping (opacus ``clipping="per_layer"``).
+        inplace: scale ``grads`` themselves (no copy) and return them.
 
     Returns:
         Clipped per-layer tensors.
 
     Source: Abadi et al. 2016, "Deep Learning with Differential Privacy", Alg. 1; opacus ``DPOptimizer``.
     """
-    n = grads[0].shape[0]
-    if per_layer:
-        norms = _per_layer_norms(max_grad_norm, len(grads))
-        out = []
-        for g, c in zip(grads, norms):
-            factor = (c / (g.reshape(n, -1).norm(dim=1) + 1e-6)).clamp(max=1.0)
-            out.append(g * factor.view(-1, *([1] * (g.dim() - 1))))
-        return out
-    total = torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
-    factor = (float(max_grad_norm) / (total + 1e-6)).clamp(max=1.0)
-    return [g * factor.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+    factors = clip_factors(per_sample_norms(grads), max_grad_norm, per_layer=per_layer)
+    return _scale(grads, factors, inplace=inplace)
+
+
+def _scale(grads: Sequence[Tensor], factors: Tensor, *, inplace: bool) -> list[Tensor]:
+    """g_l[i] · factors[i, l] for every layer l (in place or as new tensors)."""
+    out = []
+    for layer, g in enumerate(grads):
+        f = factors[:, layer].reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+        out.append(g.mul_(f) if inplace else g * f)
+    return out
 
 
 def _per_layer_norms(max_grad_norm: float | Sequence[float], layers: int) -> list[float]:
@@ -233,24 +269,119 @@ def _total_norm(max_grad_norm: float | Sequence[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _flat(grads: Sequence[Tensor]) -> Tensor:
-    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+def centred_gram(grads: Sequence[Tensor], *, inplace: bool = False) -> Tensor:
+    """[N, N] Gram matrix of the centred per-sample gradients, summed over layers: K = (G − ḡ)(G − ḡ)ᵀ.
+
+    G is the [N, P] matrix of the flattened per-layer gradients (never built: K = Σ_l of one [N, P_l] ×
+    [P_l, N] matmul per layer). Centring leaves every pairwise distance ‖g_i − g_j‖² = K_ii + K_jj − 2K_ij
+    unchanged and removes the examples' shared component before the float32 products, so the
+    cancellation in that difference stays small.
+
+    Args:
+        grads: per-layer [N, *shape] per-sample gradients (float32 or float64).
+        inplace: centre ``grads`` themselves (they must own their memory) instead of copies.
+
+    Returns:
+        [N, N] symmetric positive semi-definite matrix, dtype of ``grads``.
+    """
+    n = grads[0].shape[0]
+    gram = None
+    for g in grads:
+        flat = g.reshape(n, -1)
+        flat = flat.sub_(flat.mean(dim=0)) if inplace else flat - flat.mean(dim=0)
+        gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+    return gram
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def likelihood_ratio_scores_from_gram(gram: Tensor, cross: Tensor, *, noise_std: float) -> Tensor:
+    """The likelihood-ratio critic's [N, N] scores from the Gram matrix and the noise's cross products.
+
+    With released gradients g̃_i = g_i + n_i, the score S_ij = −‖g̃_i − g_j‖²/(2s²) (s = σ·C) expands to
+    −[‖g_i − g_j‖² + 2 n_iᵀ(g_i − g_j) + ‖n_i‖²]/(2s²). The last term is the same for the whole row i;
+    InfoNCE (diagonal minus row log-sum-exp) and the MI gap (mean diagonal minus mean off-diagonal) do not
+    change under per-row shifts, so it is dropped and the matched scores are exactly 0:
+    S'_ij = −[D_ij + 2(M_ii − M_ij)]/(2s²) with D_ij = K_ii + K_jj − 2K_ij and M_ij = n_iᵀ(g_j − ḡ).
+
+    Args:
+        gram: [N, N] centred Gram matrix K (:func:`centred_gram`).
+        cross: [N, N] M_ij = n_iᵀ(g_j − ḡ), the noise of row i against candidate j (or [D, N, N], D draws).
+        noise_std: s = σ·C, > 0.
+
+    Returns:
+        [N, N] (or [D, N, N]) scores in ``cross``'s dtype, equal to :func:`adaptive_dp.mine.likelihood_ratio_scores` of
+        (g + n, g) minus a constant per row.
+    """
+    gram = gram.to(cross.dtype)
+    sq = gram.diagonal()
+    dist = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * gram).clamp_min(0.0)
+    dist.fill_diagonal_(0.0)
+    return (dist + 2.0 * (cross.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) - cross)) / (-2.0 * noise_std * noise_std)
+
+
+def gaussian_cross_products(gram: Tensor, *, noise_std: float, generator: torch.Generator,
+                            draws: int | None = None) -> Tensor:
+    """Draws of M_ij = n_iᵀ(g_j − ḡ) for n_i ~ N(0, s² I_P) independent, without drawing n_i.
+
+    Each row (n_iᵀ(g_j − ḡ))_j is a linear map of a Gaussian vector, hence N(0, s² K) exactly (K the centred
+    Gram matrix), independently over i: M = s · Z Lᵀ with Z [N, N] standard normal and LLᵀ = K
+    (L = V·diag(√λ₊) from the eigendecomposition of K, which may be singular). This draws N² numbers instead
+    of N·P and costs O(N³) instead of O(N²P).
+
+    Args:
+        gram: [N, N] centred Gram matrix K; noise_std: s = σ·C; generator: the source of Z (on K's device).
+        draws: number of independent draws; None = one.
+
+    Returns:
+        [N, N] (or [draws, N, N]) float64 (float32 on MPS) cross products.
+    """
+    n = gram.shape[0]
+    work = gram.to(_work_dtype(gram.device))
+    eigenvalues, eigenvectors = torch.linalg.eigh(work)
+    factor = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()
+    shape = (n, n) if draws is None else (int(draws), n, n)
+    z = torch.randn(shape, generator=generator, device=gram.device, dtype=torch.float32).to(work.dtype)
+    return noise_std * (z @ factor.T)
+
+
+#: Noise draws per likelihood-ratio reading: enough that draws × N ≥ this many InfoNCE terms.
+LR_NOISE_TERMS = 4096
 
 
 class LikelihoodRatioEstimator:
     """The closed-form Gaussian-mechanism critic over all N×N audit pairs (no training, no state).
+
+    One reading needs only the centred Gram matrix K of the clipped audit gradients: the noise enters the
+    N×N scores through its projections onto the audit gradients, drawn exactly from their Gaussian law
+    (:func:`gaussian_cross_products`), and the scores are :func:`likelihood_ratio_scores_from_gram` — for one
+    draw the same InfoNCE estimate and MI gap as :func:`adaptive_dp.mine.likelihood_ratio_mi` on explicit
+    noisy gradients, at O(N²P) for K plus O(N³) instead of drawing N·P noise values. Because a draw is that
+    cheap, a reading averages ``noise_draws`` independent draws: the same expectation, I(J; g_J + noise) for
+    J uniform over the audit examples, with the noise-draw variance divided by ``noise_draws``.
+
+    Args:
+        noise_draws: noise draws averaged per reading; None (default) = ⌈4096 / N⌉ (``LR_NOISE_TERMS``).
 
     Source: :func:`adaptive_dp.mine.likelihood_ratio_mi` (InfoNCE with the log-likelihood-ratio critic).
     """
 
     name = "likelihood-ratio"
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, noise_draws: int | None = None) -> None:
+        if noise_draws is not None and (isinstance(noise_draws, bool) or int(noise_draws) != noise_draws
+                                        or noise_draws < 1):
+            raise ValueError(f"noise_draws must be a positive integer or None, got {noise_draws!r}")
+        self.noise_draws = None if noise_draws is None else int(noise_draws)
 
-    def estimate(self, draw: Callable[[], list[Tensor]], clean: list[Tensor], features: Tensor, *,
-                 noise_multiplier: float, max_grad_norm: float) -> MIEstimate:
-        """MI of one noise draw; ``draw()`` returns fresh noisy per-layer gradients.
+    def estimate(self, gram: Tensor, *, noise_multiplier: float, max_grad_norm: float,
+                 generator: torch.Generator) -> MIEstimate:
+        """MI (nats) averaged over noise draws, from the [N, N] centred Gram matrix of the clipped audit gradients.
+
+        ``stderr`` is the standard error over the noise draws: √(Σ_i s_i² / D) / N with s_i² the variance of
+        row i's InfoNCE term over the D draws (with D = 1, the spread over the rows / √N).
 
         Raises:
             ValueError: if ``noise_multiplier`` ≤ 0 (the critic divides by σ²C²) or N < 2.
@@ -260,7 +391,22 @@ class LikelihoodRatioEstimator:
                 f"the likelihood-ratio critic needs noise_multiplier > 0 (it divides by σ²C²), got "
                 f"{noise_multiplier}; use estimator='token-mine' to read at σ = 0"
             )
-        return likelihood_ratio_mi(_flat(draw()), _flat(clean), noise_std=noise_multiplier * max_grad_norm)
+        n = gram.shape[0]
+        if n < 2:
+            raise ValueError("the likelihood-ratio critic needs at least 2 audit examples (N >= 2)")
+        std = float(noise_multiplier) * float(max_grad_norm)
+        draws = self.noise_draws or max(1, -(-LR_NOISE_TERMS // n))
+        cross = gaussian_cross_products(gram, noise_std=std, generator=generator, draws=draws)
+        scores = likelihood_ratio_scores_from_gram(gram, cross, noise_std=std).double()  # [D, N, N]
+        diag = scores.diagonal(dim1=1, dim2=2)  # [D, N]
+        terms = diag - torch.logsumexp(scores, dim=2) + math.log(n)
+        off_mean = (scores.sum(dim=(1, 2)) - diag.sum(dim=1)) / (n * (n - 1))
+        if draws > 1:
+            stderr = float(terms.var(dim=0).sum().div(draws).sqrt() / n)
+        else:
+            stderr = float(terms.std() / math.sqrt(n))
+        return MIEstimate(mi=float(terms.mean()), mi_gap=float((diag.mean(dim=1) - off_mean).mean()),
+                          stderr=stderr, n=n, method=self.name, cap=math.log(n))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -585,7 +731,7 @@ def _audit_tensors(audit_data: Any, max_audit: int) -> tuple[Tensor, Tensor]:
     return xs, ys
 
 
-_OWN_OPTIONS = {"likelihood-ratio": set(), "token-mine": {
+_OWN_OPTIONS = {"likelihood-ratio": {"noise_draws"}, "token-mine": {
     "token_dim", "train_draws", "replay_size", "encoder_steps", "critic_steps", "lr", "sigma_tolerance",
     "objective", "ema_decay"}}
 
@@ -617,7 +763,8 @@ class LeakageMonitor:
         feature_layers, pooled_size: passed to :class:`FeatureExtractor` (token-mine only).
         **estimator_options: token-mine's ``token_dim``, ``train_draws``, ``replay_size``, ``encoder_steps``,
             ``critic_steps``, ``lr``, ``sigma_tolerance``, ``objective``, ``ema_decay``
-            (:class:`TokenMINEEstimator`); the likelihood-ratio estimator takes none.
+            (:class:`TokenMINEEstimator`); the likelihood-ratio estimator's ``noise_draws``
+            (:class:`LikelihoodRatioEstimator`).
 
     Per-sample gradients (and features) are computed in eval mode on the hook-free copy, so dropout is off
     and no random number is drawn from the global generators.
@@ -715,13 +862,15 @@ class LeakageMonitor:
                 f"per-sample gradients failed on audit inputs of shape {tuple(self.x.shape)} and targets "
                 f"{tuple(self.y.shape)}: {exc}; pass audit examples shaped like the training batches"
             ) from exc
-        for name, g in zip(self._names, grads):
-            if not bool(torch.isfinite(g).all()):
-                raise MonitorError(f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
-                                   "the model has diverged (lower the learning rate) or the audit inputs hold NaN")
-        if self.per_layer:
-            return clip_per_sample(grads, self.max_grad_norm if max_grad_norm is None else c, per_layer=True)
-        return clip_per_sample(grads, _total_norm(c))
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # own memory: clipped in place
+        norms = per_sample_norms(grads)  # [N, L]: any NaN/inf entry makes its norm non-finite
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            name = self._names[int((~finite).any(dim=0).nonzero()[0, 0])]
+            raise MonitorError(f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
+                               "the model has diverged (lower the learning rate) or the audit inputs hold NaN")
+        factors = clip_factors(norms, c if self.per_layer else _total_norm(c), per_layer=self.per_layer)
+        return _scale(grads, factors, inplace=True)
 
     def read(self, *, noise_multiplier: float, max_grad_norm: float | Sequence[float] | None = None
              ) -> LeakageReading:
@@ -752,14 +901,18 @@ class LeakageMonitor:
             raise ValueError(f"the likelihood-ratio critic needs noise_multiplier > 0 (it divides by σ²C²), "
                              f"got {noise_multiplier}; use estimator='token-mine' to read at σ = 0")
         clean = self.clean_gradients(max_grad_norm=c_spec)
-        features = self._features_now() if self._extractor is not None else clean[0].new_zeros(0)
-        std = sigma * c
+        if isinstance(self._estimator, LikelihoodRatioEstimator):
+            gram = centred_gram(clean, inplace=True)  # the LR critic needs only this [N, N] matrix
+            est = self._estimator.estimate(gram, noise_multiplier=sigma, max_grad_norm=c, generator=self._generator)
+        else:
+            features = self._features_now()
+            std = sigma * c
 
-        def draw() -> list[Tensor]:
-            return [g + std * torch.randn(g.shape, generator=self._generator, device=g.device, dtype=g.dtype)
-                    for g in clean]
+            def draw() -> list[Tensor]:
+                return [g + std * torch.randn(g.shape, generator=self._generator, device=g.device, dtype=g.dtype)
+                        for g in clean]
 
-        est = self._estimator.estimate(draw, clean, features, noise_multiplier=sigma, max_grad_norm=c)
+            est = self._estimator.estimate(draw, clean, features, noise_multiplier=sigma, max_grad_norm=c)
         if not math.isfinite(est.mi):
             raise MonitorError(f"the {self.estimator_name} estimator returned a non-finite MI ({est.mi})")
         self.readings += 1
