@@ -209,3 +209,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     """Print ``summary`` as ONE JSON line (the last line of stdout); NaN/inf become null."""
     sys.stdout.flush()
     print(json.dumps(_clean(summary), separators=(",", ":")), flush=True)
+
+
+def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool) -> dict[str, dict]:
+    """Per-data-set results of an earlier invocation of the same mode (quick or full) at ``path``, updated
+    with ``by_dataset``: full runs may be split by ``--dataset`` and still end in one set of result files.
+    An unreadable or other-mode file is ignored."""
+    if not path.exists():
+        return by_dataset
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return by_dataset
+    if old.get("quick") != quick:
+        return by_dataset
+    merged = dict(old.get("by_dataset", {}))
+    merged.update(by_dataset)
+    return merged

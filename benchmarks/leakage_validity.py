@@ -29,7 +29,6 @@ Writes ``benchmarks/results/leakage_validity.{json,md,png}`` and prints one JSON
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -609,19 +608,6 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool) -> dict[str, dict]:
-    """Data sets from an earlier invocation of the same mode (full runs may be split by ``--dataset``)."""
-    if not path.exists():
-        return by_dataset
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return by_dataset
-    if old.get("quick") != quick:
-        return by_dataset
-    merged = dict(old.get("by_dataset", {}))
-    merged.update(by_dataset)
-    return merged
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -637,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     by_dataset = {d: run_dataset(d, config=config, data_dir=args.data_dir) for d in datasets}
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
-    by_dataset = merge_previous(json_path, by_dataset, quick=args.quick)
+    by_dataset = _common.merge_previous(json_path, by_dataset, quick=args.quick)
     head = headline(by_dataset)
     payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
                "machine": _common.machine_description(), **head, "headline": head, "by_dataset": by_dataset}

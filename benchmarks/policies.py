@@ -617,19 +617,6 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool) -> dict[str, dict]:
-    """Data sets from an earlier invocation of the same mode (full runs are split by ``--dataset``)."""
-    if not path.exists():
-        return by_dataset
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return by_dataset
-    if old.get("quick") != quick:
-        return by_dataset
-    merged = dict(old.get("by_dataset", {}))
-    merged.update(by_dataset)
-    return merged
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -647,7 +634,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         by_dataset[d] = run_dataset(d, config=config, data_dir=args.data_dir)
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
-    by_dataset = merge_previous(json_path, by_dataset, quick=args.quick)
+    by_dataset = _common.merge_previous(json_path, by_dataset, quick=args.quick)
     best = {d: best_rows(r) for d, r in by_dataset.items()}
     payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
                "machine": _common.machine_description(), "best": best, "by_dataset": by_dataset}
