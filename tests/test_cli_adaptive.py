@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from train_helpers import run_cli, tiny_config
 
 import controllers
 from adaptive_dp import leakage, tokens
 from adaptive_dp import training as training_module
-from adaptive_dp.commands import train as train_command
 from adaptive_dp.data import load_dataset
 from adaptive_dp.engine import RenyiFilter
 from adaptive_dp.tracking import read_history
-from adaptive_dp.training import TrainConfig, load_trained_model, train
+from adaptive_dp.training import load_trained_model, train
 
 DELTA = 1e-5
 pytestmark = pytest.mark.filterwarnings(
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="adaptive-dp train")
-    train_command.configure(parser)
-    return train_command.run(parser.parse_args(argv))
-
-
-def tiny(tmp_path, **overrides) -> TrainConfig:
-    options = dict(dataset="digits", epochs=1, batch_size=128, wandb_mode="disabled", out=str(tmp_path),
-                   device="cpu")
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 def opacus_epsilon(history: list[dict], delta: float = DELTA) -> float:
@@ -104,7 +92,7 @@ def test_checkpoint_carries_the_adaptive_state(pid_run):
 
 
 def test_budget_with_controller_guarantees_target_epsilon(tmp_path):
-    summary = train(tiny(tmp_path, target_epsilon=3.0, target_mi=0.05, controller="pid"), progress=False)
+    summary = train(tiny_config(tmp_path, target_epsilon=3.0, target_mi=0.05, controller="pid"), progress=False)
     history = read_history(tmp_path)
     assert summary["guarantee_epsilon"] == pytest.approx(3.0) and summary["guarantee_epsilon"] <= 3.0
     assert summary["odometer_epsilon"] <= 3.0
@@ -115,7 +103,7 @@ def test_budget_with_controller_guarantees_target_epsilon(tmp_path):
 
 
 def test_schedule_runs_to_sigma_end(tmp_path):
-    summary = train(tiny(tmp_path, controller="linear", noise_multiplier=2.0, sigma_end=0.8), progress=False)
+    summary = train(tiny_config(tmp_path, controller="linear", noise_multiplier=2.0, sigma_end=0.8), progress=False)
     sigmas = [r["noise_multiplier"] for r in read_history(tmp_path)]
     assert sigmas[0] == pytest.approx(2.0) and sigmas[-1] == pytest.approx(0.8)
     assert all(a >= b for a, b in zip(sigmas, sigmas[1:]))  # linear decay: never up
@@ -124,12 +112,12 @@ def test_schedule_runs_to_sigma_end(tmp_path):
 
 def test_training_set_excludes_the_audit_split(tmp_path):
     full = len(load_dataset("digits", split="train"))
-    with_audit = train(tiny(tmp_path / "a", audit_fraction=0.1), progress=False)
+    with_audit = train(tiny_config(tmp_path / "a", audit_fraction=0.1), progress=False)
     assert with_audit["audit_size"] == with_audit["dataset"]["audit_size"] == round(0.1 * full)
     assert with_audit["dataset"]["train_size"] == full - round(0.1 * full)
     q = read_history(tmp_path / "a")[0]["sample_rate"]
     assert q == 1 / math.ceil(with_audit["dataset"]["train_size"] / 128)  # q of what is trained on
-    off = train(tiny(tmp_path / "b", audit_fraction=0.0), progress=False)
+    off = train(tiny_config(tmp_path / "b", audit_fraction=0.0), progress=False)
     assert off["audit_size"] == 0 and off["dataset"]["train_size"] == full and off["mi_readings"] == 0
     assert all(r["mi"] is None for r in read_history(tmp_path / "b"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,12 +10,11 @@ import torch
 import wandb
 from opacus.accountants import RDPAccountant
 from PIL import Image
+from train_helpers import run_cli, tiny_config
 
-from adaptive_dp.commands import train as train_command
 from adaptive_dp.data import load_dataset
 from adaptive_dp.tracking import read_history, wandb_history
 from adaptive_dp.training import (
-    TrainConfig,
     evaluate,
     load_trained_model,
     rng_states,
@@ -27,18 +25,6 @@ from adaptive_dp.training import (
 TINY = ["--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress"]
 
 
-def run_cli(argv: list[str]) -> int:
-    """``adaptive-dp train ARGV`` through the command's own parser and run()."""
-    parser = argparse.ArgumentParser(prog="adaptive-dp train")
-    train_command.configure(parser)
-    return train_command.run(parser.parse_args(argv))
-
-
-def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    options = dict(dataset="digits", epochs=1, batch_size=128, wandb_mode="disabled", out=str(tmp_path),
-                   device="cpu")
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 @pytest.fixture(scope="module")
