@@ -109,9 +109,13 @@ def test_cifar10_from_jpeg_tar(data_root):
     mean, std = _channel_mean_std(train.images[::4])  # 12,500 images: the mean is within ~1e-3
     assert torch.allclose(mean, torch.tensor(DATASETS["cifar10"].mean, dtype=torch.float64), atol=5e-3)
     assert torch.allclose(std, torch.tensor(DATASETS["cifar10"].std, dtype=torch.float64), atol=5e-3)
-    # decoded once: the cache holds one file per split, and a second load reads it back unchanged
+    # decoded once: the cache holds one file per split for this tar (other tars or older copies of it have
+    # their own keys), and a second load reads it back unchanged
+    tar_path = data_root / "cifar10-jpeg" / "cifar10-jpeg.tar"
+    stat = tar_path.stat()
+    key = data_module._fingerprint(tar_path.resolve(), stat.st_size, stat.st_mtime_ns)
     cached = sorted(
-        p.name.split("-")[1] for p in (get_cache_dir() / "cifar10-decoded").glob("tar-*.images.npy")
+        p.name.split("-")[1] for p in (get_cache_dir() / "cifar10-decoded").glob(f"tar-*-{key}.images.npy")
     )
     assert cached == ["test", "train"]
     assert torch.equal(load_dataset("cifar10", split="test", data_dir=data_root).images, test.images)
