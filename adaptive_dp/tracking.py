@@ -151,6 +151,7 @@ class Tracker:
             (``$WANDB_MODE``, else online when an API key is configured, else offline).
         project: W&B project name.
         run_name: W&B run name (None: W&B picks one).
+        resume: append to ``history.jsonl`` instead of starting it afresh (a resumed training run).
 
     Use as a context manager: the run is finished on exit, also when training raised (marked failed then).
 
@@ -166,6 +167,7 @@ class Tracker:
         mode: str | None = None,
         project: str = "adaptive-dp",
         run_name: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,8 @@ class Tracker:
         self.last_step: int | None = None
         self._warned: set[str] = set()
         self._finished = False
-        self._jsonl = open(self.history_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        # a resumed run appends to the records of the steps it keeps
+        self._jsonl = open(self.history_path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - finish()
         self._wandb: Any = None
         self.run: Any = None
         if self.mode != "disabled":
@@ -274,6 +277,13 @@ class Tracker:
             step = row.get("step")
             kwargs = self._step_kwargs(step if isinstance(step, int) else None)
             self._call("log", lambda: self.run.log(payload, **kwargs))
+
+    def restore_epochs(self, records: list[Mapping[str, Any]], *, last_step: int | None = None) -> None:
+        """Take over the epoch records of an interrupted run (for the final per-epoch table), without logging
+        them again; ``last_step``: the last optimizer step already logged by that run."""
+        self.epochs = [jsonable(dict(r)) for r in records]
+        if last_step is not None:
+            self.last_step = last_step
 
     def _step_kwargs(self, step: int | None = None) -> dict[str, int]:
         """``step=`` for a W&B log call: ``step`` if given, else the last optimizer step logged (so that

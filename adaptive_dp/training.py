@@ -574,7 +574,8 @@ def _versions() -> dict[str, str]:
     return {"adaptive_dp": __version__, "torch": torch.__version__, "opacus": opacus.__version__}
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+def train(config: TrainConfig, *, progress: bool = True, _resume_state: Mapping[str, Any] | None = None
+          ) -> dict[str, Any]:
     """Train with DP-SGD as ``config`` says and write the run's outputs into ``config.out``.
 
     The audit split (``audit_fraction`` of the training set, seeded by ``seed``) is carved off first; the model
@@ -587,6 +588,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     A hard budget (``target_epsilon``) that cannot pay for another step within ``sigma_max`` stops training
     early (the budget did its job): the outputs are written as after a full run, with ``stopped_early: true``
     and ``stop_reason`` in the summary; no exception escapes.
+
+    ``checkpoint.pt`` is also written after every epoch (atomically), so a crashed or interrupted run
+    continues from its last finished epoch with :func:`resume` (``adaptive-dp train --resume OUT``).
 
     Args:
         config: the options (validated here).
@@ -614,7 +618,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     config.validate()
     device = resolve_device(config.device)
     if not ddp.launched_by_torchrun():
-        return _train(config, device=device, progress=progress, t_start=t_start, context=None)
+        return _train(config, device=device, progress=progress, t_start=t_start, context=None,
+                      resume_state=_resume_state)
+    if _resume_state is not None:
+        raise NotImplementedError("resuming a run under torchrun is not supported yet; resume it in one process "
+                                  "(`adaptive-dp train --resume OUT` without torchrun)")
     # under torchrun: one process per rank, DPDDP + opacus' distributed optimizer (rank 0 adds the noise)
     owned = not ddp.is_distributed()
     context = ddp.init_distributed(timeout_s=config.dist_timeout, device=str(device))
@@ -626,8 +634,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             ddp.shutdown()
 
 
-def _train(config: TrainConfig, *, device, progress: bool, t_start: float, context) -> dict[str, Any]:
-    """:func:`train` after validation; ``context``: the DistributedContext under torchrun, else None."""
+def _train(config: TrainConfig, *, device, progress: bool, t_start: float, context,
+           resume_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`train` after validation; ``context``: the DistributedContext under torchrun, else None;
+    ``resume_state``: a per-epoch checkpoint to continue from (see :func:`resume`)."""
     import torch
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
@@ -679,13 +689,28 @@ def _train(config: TrainConfig, *, device, progress: bool, t_start: float, conte
     step = 0
     last_mi: float | None = None
     stop_reason: str | None = None
+    discarded: list[dict[str, Any]] = []
+    audit_indices = list(getattr(audit_set, "indices", [])) if audit_set is not None else []
+    if resume_state is not None:
+        history, epoch_records, discarded = restore_run(
+            resume_state, out=out, model=model, optimizer=optimizer, engine=engine, generator=generator,
+            sample_rate=sample_rate)
+        epoch_times = [float(r.get("epoch_time_s") or 0.0) for r in epoch_records]
+        step = history[-1]["step"] if history else 0
+        last_mi = next((r["mi"] for r in reversed(history) if r.get("mi") is not None), None)
+        initial_sigma = float(resume_state.get("initial_noise_multiplier", initial_sigma))
+    first_epoch = len(epoch_records) + 1
     if context is None or rank == 0:
         tracker = Tracker(out, config=config.to_dict(), mode=config.wandb_mode, project=config.wandb_project,
-                          run_name=out.name)
+                          run_name=out.name if resume_state is None else f"{out.name}-resumed-at-step-{step}",
+                          resume=resume_state is not None)
+        tracker.restore_epochs(epoch_records, last_step=step if resume_state is not None else None)
     if context is not None:  # every rank: OUT/history.rank<R>.jsonl; rank 0 also the main tracker
         tracker = ddp.RankTracker(out, rank=rank, main=tracker if rank == 0 else None)
+    if resume_state is not None:  # last: nothing between here and the first step may draw random numbers
+        set_rng_states(resume_state["rng_states"])
     with tracker:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(first_epoch, config.epochs + 1):
             t_epoch = time.perf_counter()
             model.train()
             losses: list[float] = []
@@ -731,6 +756,11 @@ def _train(config: TrainConfig, *, device, progress: bool, t_start: float, conte
             }
             epoch_records.append(epoch_record)
             tracker.log_epoch(epoch_record)
+            if stop_reason is None and epoch < config.epochs and (context is None or context.is_main):
+                save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer, engine=engine,
+                                config=config, dataset_info=info, history=history, epochs=epoch_records,
+                                extra=_resume_extra(engine, generator=generator, initial_sigma=initial_sigma,
+                                                    audit_indices=audit_indices, discarded=discarded))
             if progress:
                 tqdm.write(f"epoch {epoch}: test accuracy {test['accuracy']:.4f}, ε = {_fmt(epoch_record['epsilon'])} "
                            f"at δ = {config.delta:g}, MI = {_fmt(last_mi)} nats, {epoch_times[-1]:.1f} s")
@@ -745,9 +775,116 @@ def _train(config: TrainConfig, *, device, progress: bool, t_start: float, conte
             initial_sigma=initial_sigma, stop_reason=stop_reason, device=device, t_start=t_start,
             sizes={"train_size": len(train_set), "audit_size": len(audit_set) if audit_set is not None else 0,
                    "test_size": len(test_set)},
-            context=context,
+            context=context, audit_indices=audit_indices, discarded=discarded,
+            resumed_at_step=resume_state.get("step") if resume_state is not None else None,
         )
     return summary
+
+
+def _resume_extra(engine, *, generator, initial_sigma: float, audit_indices: list[int],
+                  discarded: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields a per-epoch checkpoint adds so that :func:`resume` can continue the run exactly."""
+    return {"complete": False, "adaptive_state": engine.adaptive_state_dict(),
+            "loader_generator_state": generator.get_state(), "initial_noise_multiplier": initial_sigma,
+            "audit_indices": audit_indices, "discarded_steps": list(discarded)}
+
+
+def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine, generator, sample_rate: float
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Load a per-epoch checkpoint into freshly wrapped objects and book the steps lost since it was written.
+
+    Model, optimizer, accountant, engine (controller, monitor, Rényi filter) and the Poisson sampler's
+    generator are restored, then the global RNG states (so that an uninterrupted run and a resumed one draw
+    the same batches and the same noise; the caller restores them with :func:`set_rng_states` just before
+    the first resumed step). Steps the crashed attempt took after the checkpoint
+    (``OUT/history.jsonl`` records past its step) are lost from the model, but their noisy gradients were
+    computed on private data: they are booked into the accountant and charged to the Rényi filter (fail
+    closed: the odometer and the budget only count more), moved to ``OUT/discarded_steps.jsonl`` and
+    dropped from ``history.jsonl``, which the resumed run appends to.
+
+    Returns:
+        ``(history, epoch_records, discarded)``: the step records kept, the epoch records, and every
+        discarded step record so far (earlier resumes included).
+
+    Raises:
+        ValueError: if the checkpoint is of a finished run, or has no resume state (an older format).
+    """
+    _check_resumable(state)
+    unwrap_model(model).load_state_dict(state["model_state_dict"])
+    optimizer.load_state_dict(state["optimizer_state_dict"])
+    engine.accountant.load_state_dict(state["accountant_state_dict"])
+    engine.load_adaptive_state_dict(state["adaptive_state"])
+    generator.set_state(state["loader_generator_state"])
+    history = [dict(r) for r in state["history"]]
+    kept_step = history[-1]["step"] if history else 0
+    discarded = [dict(r) for r in state.get("discarded_steps", [])]
+    history_path = out / "history.jsonl"
+    logged = _read_jsonl(history_path)
+    lost = [r for r in logged if isinstance(r.get("step"), int) and r["step"] > kept_step]
+    for record in lost:
+        sigma = float(record["noise_multiplier"])
+        engine.accountant.step(noise_multiplier=sigma, sample_rate=float(record.get("sample_rate") or sample_rate))
+        if engine.budget_filter is not None:
+            engine.budget_filter.charge(sigma)
+        discarded.append({**record, "discarded": True})
+    if lost:
+        with open(out / "discarded_steps.jsonl", "a", encoding="utf-8") as f:
+            for record in lost:
+                f.write(json.dumps({**record, "discarded": True}) + "\n")
+    tmp = history_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in logged if r.get("step", 0) <= kept_step),
+                   encoding="utf-8")
+    os.replace(tmp, history_path)
+    return history, [dict(r) for r in state["epochs"]], discarded
+
+
+def _check_resumable(state: Mapping[str, Any]) -> None:
+    if state.get("complete", True) or "loader_generator_state" not in state:
+        raise ValueError(
+            f"{state.get('path', 'the checkpoint')} is the checkpoint of a finished run (or of a version without "
+            "per-epoch checkpoints): nothing to resume; start a new run with another --out"
+        )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a torn last line (a crash mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def resume(out: str | os.PathLike, *, progress: bool = True, wandb_mode: str | None = None) -> dict[str, Any]:
+    """Continue an interrupted :func:`train` run from the per-epoch checkpoint in ``out``.
+
+    The options are the saved run's (``checkpoint.pt`` holds its :class:`TrainConfig`); only the W&B mode
+    may change. Training continues at the epoch after the last finished one with the same batches, noise
+    and controller state as an uninterrupted run would have (same machine and versions), and appends to
+    ``out/history.jsonl``; the W&B run is a new one named ``<out>-resumed-at-step-<k>``. Steps taken after
+    the checkpoint are booked, never forgotten (see :func:`restore_run`); the summary counts them in
+    ``discarded_steps``.
+
+    Returns:
+        The summary of the finished run, as :func:`train` returns it.
+
+    Raises:
+        FileNotFoundError: no ``checkpoint.pt`` in ``out``.
+        ValueError: the run is finished already, or the checkpoint is not an adaptive_dp checkpoint.
+    """
+    state = load_checkpoint(out)
+    _check_resumable(state)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    config.out = str(Path(out))
+    if wandb_mode is not None:
+        config.wandb_mode = wandb_mode
+    return train(config, progress=progress, _resume_state=state)
+
 
 
 def _step_epsilon(engine, delta: float) -> float:
@@ -805,7 +942,7 @@ def _write_figure_and_checkpoint(config: TrainConfig, *, tracker, engine, model,
 
 def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info, out: Path, history, epoch_records,
                 epoch_times, sample_rate, initial_sigma, stop_reason, device, t_start, sizes,
-                context=None) -> dict[str, Any]:
+                context=None, audit_indices=(), discarded=(), resumed_at_step=None) -> dict[str, Any]:
     """Trade-off figure, checkpoint and summary of a (possibly stopped-early) run; returns the summary.
 
     Under DDP (``context`` given) only rank 0 draws the figure and writes the checkpoint and summary.
@@ -813,7 +950,7 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
     final = epoch_records[-1]
     noise_multiplier = float(optimizer.noise_multiplier)
     privacy = engine.privacy_summary(config.delta)
-    odometer = history[-1]["epsilon"] if history else 0.0
+    odometer = history[-1]["epsilon"] if history and not discarded else float(engine.get_epsilon(config.delta))
     guarantee = privacy["guarantee_epsilon"]
     sigmas = [r["noise_multiplier"] for r in history] or [noise_multiplier]
     leakage = leakage_summary(history, target_mi=config.target_mi)
@@ -835,7 +972,9 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
             extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "epsilon": odometer,
                    "odometer_epsilon": odometer, "guarantee_epsilon": guarantee, "delta": config.delta,
                    "test_accuracy": final["test_accuracy"], "stopped_early": stop_reason is not None,
-                   "adaptive_state": engine.adaptive_state_dict()},
+                   "adaptive_state": engine.adaptive_state_dict(), "complete": True,
+                   "initial_noise_multiplier": initial_sigma, "audit_indices": list(audit_indices),
+                   "discarded_steps": list(discarded)},
         )
     else:  # under DDP only rank 0 draws the figure and writes the checkpoint
         outputs["tradeoff"] = outputs["checkpoint"] = None
@@ -861,6 +1000,8 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
         "max_grad_norm": config.max_grad_norm,
         "sample_rate": sample_rate,
         "steps": len(history),
+        "discarded_steps": len(discarded),
+        "resumed_at_step": resumed_at_step,
         "epochs": config.epochs,
         "stopped_early": stop_reason is not None,
         "stop_reason": stop_reason,

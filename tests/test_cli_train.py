@@ -58,8 +58,12 @@ def test_cli_writes_all_outputs(cli_run):
         # the default monitor (audit fraction 0.02, every 10 steps) reads MI for steps 1, 11, 21, ...
         monitored = (record["step"] - 1) % 10 == 0
         assert (record["mi"] is not None) == monitored == (record["mi_gap"] is not None)
-        if monitored:  # nats; capacity bound of the Gaussian mechanism at σ = 1: 1 / (2σ²)
-            assert 0 <= record["mi"] <= 0.5
+        if monitored:  # nats, an estimate on a few dozen audit examples: the bound below plus ~3 standard errors
+            assert 0 <= record["mi"] <= 0.5 + 0.3
+    # capacity bound of the Gaussian mechanism at σ = 1: I ≤ 1 / (2σ²) = 0.5 nats; the mean of the readings
+    # averages their estimation noise down
+    readings = [r["mi"] for r in history if r["mi"] is not None]
+    assert sum(readings) / len(readings) <= 0.5 + 0.1
     assert summary["mi_readings"] == sum(r["mi"] is not None for r in history) >= 2
     assert summary["guarantee_epsilon"] is None and summary["odometer_epsilon"] == summary["epsilon"]
     assert summary["epsilon"] == history[-1]["epsilon"] and summary["delta"] == 1e-5

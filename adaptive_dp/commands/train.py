@@ -1,7 +1,8 @@
 """Train a model with DP-SGD on a real data set and track ε, σ and MI (W&B offline by default + JSONL).
 
 Writes into ``--out`` (default ``runs/<UTC timestamp>``): ``history.jsonl`` (one record per optimizer step),
-``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` and the W&B run under ``wandb/``.
+``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` (also after every epoch) and the W&B run under
+``wandb/``. ``--resume OUT`` continues an interrupted run from its last finished epoch.
 
 By default 2 % of the training set is held out as the audit split (never trained on) and the leakage monitor
 reads MI every 10 steps; ``--target-mi`` with ``--controller`` adapts σ, ``--target-epsilon`` adds a hard
@@ -94,6 +95,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     track.add_argument("--wandb-project", default=d["wandb_project"], help="W&B project (default: %(default)s)")
     track.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
     track.add_argument("--no-progress", action="store_true", help="no progress bars")
+    track.add_argument("--resume", metavar="OUT", default=None,
+                       help="continue the interrupted run in OUT from its last finished epoch, with that run's "
+                            "options (OUT/checkpoint.pt); only --wandb-mode and --no-progress may be given")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -106,6 +110,13 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _resume_conflicts(args: argparse.Namespace, parser_defaults: dict) -> list[str]:
+    """Options given beside ``--resume`` that would change the run (its saved options win)."""
+    allowed = {"resume", "wandb_mode", "no_progress", "command", "func", "handler"}
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in allowed and k in parser_defaults and v != parser_defaults[k]]
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; print where the results went. Returns 0, or 2 with one error line for bad input."""
     from adaptive_dp.training import train
@@ -114,8 +125,19 @@ def run(args: argparse.Namespace) -> int:
     # it is harmless and would otherwise interrupt the progress bar.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        config = config_from_args(args)
-        summary = train(config, progress=not args.no_progress)
+        if getattr(args, "resume", None):
+            from adaptive_dp.training import resume
+
+            parser = argparse.ArgumentParser()
+            configure(parser)
+            conflicts = _resume_conflicts(args, vars(parser.parse_args([])))
+            if conflicts:
+                raise ValueError(f"--resume continues the run with its saved options; drop {', '.join(conflicts)} "
+                                 "(only --wandb-mode and --no-progress may change)")
+            summary = resume(args.resume, progress=not args.no_progress, wandb_mode=args.wandb_mode)
+        else:
+            config = config_from_args(args)
+            summary = train(config, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if summary["stopped_early"]:
         print(f"stopped early (privacy budget exhausted; the model trained so far is saved): {summary['stop_reason']}")
+    if summary.get("resumed_at_step") is not None:
+        line = f"resumed after step {summary['resumed_at_step']}"
+        if summary.get("discarded_steps"):
+            line += (f"; {summary['discarded_steps']} step(s) lost in the interruption are booked in ε and the budget "
+                     "(discarded_steps.jsonl)")
+        print(line)
     print(f"results in {outputs['dir']}/")
     for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
         if outputs.get(key):
