@@ -13,7 +13,7 @@ Data sets (``DATASETS``):
   (``{train,test}/<class>/*.jpg|png``), or the tar ``cifar10-jpeg/cifar10-jpeg.tar`` holding such a tree.
   Image folders and the tar are decoded once into cached uint8 ``.npy`` files per split under
   :func:`get_cache_dir` (the tar's JPEGs are decoded straight from its members, no extracted copy); the
-  cache is safe under concurrent processes (``fcntl.flock`` lock + write to a temporary name + ``os.replace``).
+  cache is safe under concurrent processes (``filelock`` lock + write to a temporary name + ``os.replace``).
 
 Where the files are looked for: :func:`get_data_root` — the ``data_dir`` argument (``--data-dir``), else
 ``$ADAPTIVE_DP_DATA``, else ``get_cache_dir()/data``. Under that root ROOT, in this order:
@@ -39,7 +39,6 @@ has a genuinely public set (e.g. a test split or a public data set from the same
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -287,14 +286,13 @@ def get_data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (created if missing) for the duration of the block."""
+    """Exclusive inter-process lock on ``path`` (created if missing) for the duration of the block
+    (``filelock.FileLock``: flock on POSIX, msvcrt locking on Windows)."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(str(path)):
+        yield
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -603,7 +601,7 @@ def _cached_tar(tar_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     is the slow part); the key hashes the tar's resolved path, size and modification time, so a changed
     tar is decoded again. The images are decoded straight from the tar's members, which does the one-time
     "extraction" without writing 60,000 small files. Safe under concurrent processes (pytest-xdist
-    workers): an ``fcntl.flock`` lock serialises the decoding and each file is written under a temporary
+    workers): a ``filelock`` lock serialises the decoding and each file is written under a temporary
     name and moved into place with ``os.replace``, so readers never see a partial file.
     """
     stat = tar_path.stat()
