@@ -80,8 +80,16 @@ class RenyiFilter:
 
     Example:
         >>> f = RenyiFilter(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.01, planned_steps=1000)
-        >>> sigma = max(controller_sigma, f.floor(sigma_max=10.0))   # inf → stop
-        >>> f.charge(sigma)                                        # then run the step with this σ
+        >>> round(f.floor(sigma_max=10.0), 3)      # the even share of the budget: opacus' uniform σ
+        0.865
+        >>> controller_sigma = 1.5
+        >>> for step in range(500):                # half the plan at the controller's higher σ
+        ...     sigma = max(controller_sigma, f.floor(sigma_max=10.0))   # the budget's floor wins when higher
+        ...     f.charge(sigma)                    # book the step, then run it with this σ
+        >>> round(f.floor(sigma_max=10.0), 3)      # the budget saved lowers the floor of the other 500 steps
+        0.854
+        >>> round(f.guarantee_epsilon, 6) <= 3.0   # whatever σ the controller picks within the floor
+        True
     """
 
     def __init__(

@@ -71,6 +71,13 @@ class PIDController(FeedbackController):
     Raises:
         ValueError: naming the argument, for any value outside the ranges above.
 
+    Example:
+        >>> c = PIDController(0.5, sigma_min=0.3, sigma_max=10.0, initial=1.0)
+        >>> [round(c.update(mi, t), 3) for t, mi in enumerate([0.9, 0.7, 0.5, 0.4, 0.3])]
+        [1.284, 1.405, 1.426, 1.416, 1.348]
+        >>> c.update(1.0, 5, sigma_floor=2.0)   # a budget floor above the law's σ wins
+        2.0
+
     Source: textbook PID with back-calculation anti-windup and filtered derivative on the measurement
     (Åström & Hägglund, "Advanced PID Control", 2006, §3.5 and §3.3).
     """

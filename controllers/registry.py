@@ -69,6 +69,14 @@ def build_controller(
             ``target_mi``, a schedule (other than ``"constant"``) without ``total_steps``, or any invalid
             argument (named in the message).
         TypeError: for an option the class does not take.
+
+    Example:
+        >>> c = build_controller("pid", target_mi=0.5, sigma_min=0.3, sigma_max=10.0, initial=1.0)
+        >>> type(c).__name__, c.update(None, 0)
+        ('PIDController', 1.0)
+        >>> build_controller("linear", target_mi=None, sigma_min=0.1, sigma_max=5.0, initial=2.0,
+        ...                  total_steps=100, sigma_end=0.5).update(None, 100)
+        0.5
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in CONTROLLERS:

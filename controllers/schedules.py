@@ -44,6 +44,11 @@ class LinearDecay(Schedule):
 
     Args/Raises: see :class:`controllers.base.Schedule` (keyword-only ``sigma_start``, ``sigma_end``,
     ``total_steps``, optional ``sigma_min``/``sigma_max``).
+
+    Example:
+        >>> s = LinearDecay(sigma_start=2.0, sigma_end=0.5, total_steps=3)
+        >>> [s.update(None, t) for t in range(5)]   # σ of steps 1..5: σ_T from step T + 1 on
+        [2.0, 1.5, 1.0, 0.5, 0.5]
     """
 
     registry_name = "linear"

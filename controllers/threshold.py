@@ -43,6 +43,17 @@ class ThresholdController(FeedbackController):
 
     Raises:
         ValueError: naming the argument, for any value outside the ranges above.
+
+    Example:
+        >>> c = ThresholdController(0.5, sigma_min=0.3, sigma_max=10.0, initial=1.0)
+        >>> c.update(None, 0)            # no reading yet: hold
+        1.0
+        >>> c.update(0.8, 1)             # over the 0.5-nat ceiling: raise ×1.5
+        1.5
+        >>> round(c.update(0.2, 2), 4)   # under the band (0.375 nats): lower ÷1.1
+        1.3636
+        >>> c.update(float("nan"), 3)    # failed reading: fail closed
+        10.0
     """
 
     registry_name = "threshold"

@@ -1,0 +1,26 @@
+"""The examples in the public docstrings run and print what they say (doctest)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "controllers.threshold",
+    "controllers.pid",
+    "controllers.schedules",
+    "controllers.registry",
+    "adaptive_dp.accounting",
+    "adaptive_dp.budget",
+    "adaptive_dp.mine",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0, f"{name} has no docstring examples"
+    assert result.failed == 0
