@@ -532,7 +532,7 @@ class TokenMINEEstimator:
     name = "token-mine"
 
     def __init__(self, *, layer_shapes: Sequence[Sequence[int]], feature_dim: int, device: torch.device,
-                 token_encoder: str | TokenEncoder = "autoencoder", token_dim: int = 64, seed: int = 0,
+                 token_encoder: str | TokenEncoder = "span", token_dim: int = 64, seed: int = 0,
                  train_draws: int = 2, replay_size: int = 8, encoder_steps: int = 5, critic_steps: int = 10,
                  lr: float = 1e-3, sigma_tolerance: float = 0.25, objective: str = "infonce",
                  ema_decay: float = 0.99) -> None:
@@ -625,6 +625,8 @@ class TokenMINEEstimator:
         sigma = float(noise_multiplier)
         scale = 1.0 / max_grad_norm
         with torch.no_grad():
+            if hasattr(self.encoder, "set_basis"):  # a data-adaptive basis follows the current model
+                self.encoder.set_basis([g * scale for g in clean])
             z_clean = self.encoder.reduce([g * scale for g in clean]).float()
             f = features.to(self.device).float()
             f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
@@ -754,7 +756,7 @@ class LeakageMonitor:
             DataLoader over one, or tensors ``(x [N, ...], y [N])``; the first ``max_audit`` are used.
         max_grad_norm: C, the optimizer's clipping norm (or per-layer norms with ``clipping="per_layer"``).
         estimator: an ``ESTIMATORS`` name: ``"likelihood-ratio"`` (default) or ``"token-mine"``.
-        token_encoder: a ``TOKEN_ENCODERS`` name for ``"token-mine"`` (default ``"autoencoder"``).
+        token_encoder: a ``TOKEN_ENCODERS`` name for ``"token-mine"`` (default ``"span"``).
         seed: seeds the monitor's own generator (noise draws) and learned parts.
         max_audit: cap on N (default 256).
         clipping: ``"flat"`` (default) or ``"per_layer"``, as given to ``make_private``.
@@ -775,7 +777,7 @@ class LeakageMonitor:
     """
 
     def __init__(self, model: nn.Module, audit_data: Any, *, max_grad_norm: float | Sequence[float],
-                 estimator: str = "likelihood-ratio", token_encoder: str | TokenEncoder = "autoencoder",
+                 estimator: str = "likelihood-ratio", token_encoder: str | TokenEncoder = "span",
                  seed: int = 0, max_audit: int = 256, clipping: str = "flat",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, batch_size: int = 64,
                  feature_layers: Sequence[str] | None = None, pooled_size: int = 2,

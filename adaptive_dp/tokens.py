@@ -16,6 +16,11 @@ per parameter — and return tokens ``[B, dim]``:
 - ``"transformer"`` — each layer chunk becomes one element of a short sequence (plus a learned layer
   embedding) → a small ``nn.TransformerEncoder`` → mean-pooled token; trained with the same denoising
   objective.
+- ``"span"`` — a data-adaptive orthonormal projection onto the top-``dim`` principal directions of the
+  current clean audit gradients (kernel PCA from their N × N Gram matrix; no P × dim matrix is formed).
+  A random projection keeps about dim/P of the energy that tells examples apart while the token noise stays
+  σ² per coordinate; this one keeps the leading part of it (all of it when dim ≥ N − 1), so the critic
+  sees the signal-to-noise ratio of the full gradient.
 
 ``TOKEN_ENCODERS`` maps names to classes; :func:`build_token_encoder` builds one.
 """
@@ -35,6 +40,7 @@ __all__ = [
     "AutoencoderTokenEncoder",
     "LayerSketch",
     "ProjectionTokenEncoder",
+    "SpanTokenEncoder",
     "TokenEncoder",
     "TransformerTokenEncoder",
     "build_token_encoder",
@@ -484,8 +490,106 @@ class TransformerTokenEncoder(_DenoisingEncoder):
 
 
 #: Registry of privacy-token encoders by name.
+class SpanTokenEncoder(TokenEncoder):
+    """Orthonormal projection onto the leading principal directions of the clean audit gradients.
+
+    :meth:`set_basis` takes the N clean (clipped, scaled) audit gradients G [N, P] (per layer), forms
+    the Gram matrix K = G Gᵀ (float64) and its top eigenpairs K = U Λ Uᵀ; the basis is V = Gᵀ U_d Λ_d^{-1/2}
+    [P, d] (orthonormal: Vᵀ V = I), never formed. :meth:`reduce` returns Vᵀ g = Λ_d^{-1/2} U_dᵀ (G g) from the
+    N inner products G g. So the clean tokens are the kernel-PCA coordinates U_d Λ_d^{1/2}, and isotropic
+    gradient noise N(0, σ² I_P) becomes N(0, σ² I_d) in token space exactly (:meth:`noise_covariance` = I),
+    whatever the basis. Directions with eigenvalue under ``rel_eps``·λ_max are dropped (their token
+    coordinates are 0, their noise is kept: the covariance stays I).
+
+    A post-processing of the noisy gradient (the basis depends on the clean audit gradients only), so MI
+    read from the tokens never exceeds MI read from the gradients.
+
+    Args:
+        layer_shapes, dim, seed: see :class:`TokenEncoder` (``seed`` is unused: nothing is random).
+        rel_eps: relative eigenvalue cut-off, in [0, 1).
+
+    Raises:
+        ValueError: on ``rel_eps`` outside [0, 1); :meth:`reduce` before :meth:`set_basis` (RuntimeError).
+
+    Source: Schölkopf, Smola & Müller 1998 (kernel PCA); the random-projection baseline it replaces is the
+    privacy-token extractor of Meng et al. 2025.
+
+    Example:
+        >>> import torch
+        >>> enc = SpanTokenEncoder(layer_shapes=[(3,)], dim=2)
+        >>> clean = [torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])]
+        >>> enc.set_basis(clean)
+        >>> enc.reduce(clean).abs().round(decimals=4)   # distances between examples are kept exactly
+        tensor([[0., 1.],
+                [2., 0.]])
+    """
+
+    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
+                 rel_eps: float = 1e-9) -> None:
+        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
+        if not 0.0 <= float(rel_eps) < 1.0:
+            raise ValueError(f"rel_eps must lie in [0, 1), got {rel_eps}")
+        self.rel_eps = float(rel_eps)
+        self._clean: list[Tensor] | None = None
+        self._coef: Tensor | None = None  # [N, dim]: U_d Λ_d^{-1/2}, zero columns past the rank
+
+    def _inner(self, grads: Sequence[Tensor]) -> Tensor:
+        """[B, N] inner products of each gradient with each basis-defining clean gradient, summed over layers
+        in float64 (each layer's product in the gradients' dtype: no float64 copy of an [N, P] matrix)."""
+        assert self._clean is not None
+        batch = grads[0].shape[0]
+        total = None
+        for g, c in zip(grads, self._clean):
+            part = (g.reshape(batch, -1) @ c.to(g.dtype).T).double()
+            total = part if total is None else total + part
+        return total
+
+    def set_basis(self, clean: Sequence[Tensor]) -> None:
+        """Fit the basis to the clean audit gradients (per layer ``[N, *shape]``), N ≥ 2.
+
+        Raises:
+            ValueError: if the gradient list does not match ``layer_shapes``, N < 2, or the gradients are
+                non-finite.
+        """
+        n = self.check_grads(clean)
+        if n < 2:
+            raise ValueError("the span encoder needs at least 2 clean gradients to fit its basis")
+        self._clean = [c.detach().reshape(n, -1) for c in clean]  # views: no copy of the gradients
+        gram = self._inner(clean)
+        if not torch.isfinite(gram).all():
+            raise ValueError("non-finite clean gradients: cannot fit the span basis")
+        evals, evecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+        evals, evecs = evals.flip(0)[: self.dim], evecs.flip(1)[:, : self.dim]
+        keep = evals > self.rel_eps * max(float(evals[0]), 0.0) if evals.numel() else evals > 0
+        keep &= evals > 0
+        scale = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+        coef = evecs * scale
+        if coef.shape[1] < self.dim:  # fewer examples than dim: pad with zero directions
+            coef = torch.cat([coef, coef.new_zeros(n, self.dim - coef.shape[1])], dim=1)
+        self._coef = coef
+
+    def reduce(self, grads: Sequence[Tensor]) -> Tensor:
+        """Tokens Vᵀ g, [B, dim] (float32; computed in float64).
+
+        Raises:
+            RuntimeError: before :meth:`set_basis`.
+        """
+        if self._coef is None:
+            raise RuntimeError("SpanTokenEncoder.reduce before set_basis: fit the basis to the clean audit "
+                               "gradients first")
+        self.check_grads(grads)
+        device = grads[0].device
+        self._clean = [c.to(device) for c in self._clean]  # type: ignore[union-attr]
+        return (self._inner(grads) @ self._coef.to(device)).float()
+
+    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
+        """I_dim (float64): the basis is orthonormal, so unit isotropic noise stays unit isotropic."""
+        return torch.eye(self.dim, dtype=torch.float64, device=device)
+
+
 TOKEN_ENCODERS: dict[str, type[TokenEncoder]] = {
     "projection": ProjectionTokenEncoder,
+    "span": SpanTokenEncoder,
     "autoencoder": AutoencoderTokenEncoder,
     "transformer": TransformerTokenEncoder,
 }
@@ -497,7 +601,7 @@ def build_token_encoder(
     """Build a privacy-token encoder by name.
 
     Args:
-        name: one of ``TOKEN_ENCODERS`` ("projection", "autoencoder", "transformer").
+        name: one of ``TOKEN_ENCODERS`` ("projection", "span", "autoencoder", "transformer").
         layer_shapes: shapes of the trainable parameters, in gradient-list order.
         dim: token size d.
         seed: seed of all its random choices.

@@ -48,7 +48,7 @@ ADAPTIVE_FIELDS = ("mi", "mi_gap", "sigma_floor", "controller_error")
 #: leakage estimators ``--estimator`` accepts (``adaptive_dp.leakage.ESTIMATORS``).
 ESTIMATORS = ("likelihood-ratio", "token-mine")
 #: privacy-token encoders ``--token-encoder`` accepts (``adaptive_dp.tokens.TOKEN_ENCODERS``).
-TOKEN_ENCODERS = ("projection", "autoencoder", "transformer")
+TOKEN_ENCODERS = ("span", "projection", "autoencoder", "transformer")
 #: controllers ``--controller`` accepts (``controllers.CONTROLLERS``): feedback controllers, then schedules.
 FEEDBACK_CONTROLLERS = ("pid", "threshold")
 SCHEDULE_CONTROLLERS = ("linear", "staircase", "exponential", "cyclic", "constant")
@@ -82,7 +82,8 @@ class TrainConfig:
             "linear", "staircase", "exponential", "cyclic", "constant" (open-loop schedules from
             ``noise_multiplier`` to ``sigma_end`` over the planned ``epochs``).
         estimator: leakage estimator of the monitor: "likelihood-ratio" (training-free) or "token-mine".
-        token_encoder: privacy-token encoder of "token-mine": "projection", "autoencoder" or "transformer".
+        token_encoder: privacy-token encoder of "token-mine": "span" (projection onto the clean audit
+            gradients' principal directions), "projection", "autoencoder" or "transformer".
         audit_fraction: share of the training set carved off (seeded) as the audit split before training, in
             [0, 1); these examples are never trained on (and get no DP protection). 0 turns the monitor off.
         monitor_every: optimizer steps between leakage readings (the first is taken before step 1); ≥ 1.
@@ -116,7 +117,7 @@ class TrainConfig:
     target_mi: float | None = None
     controller: str | None = None
     estimator: str = "likelihood-ratio"
-    token_encoder: str = "autoencoder"
+    token_encoder: str = "span"
     audit_fraction: float = 0.02
     monitor_every: int = 10
     sigma_min: float | None = None

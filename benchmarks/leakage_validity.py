@@ -77,7 +77,7 @@ class ValidityConfig:
     lr: float = 1e-3
     lr_draws: int = 4
     id_trials: int = 16
-    token_encoders: tuple[str, ...] = ("projection", "autoencoder", "transformer")
+    token_encoders: tuple[str, ...] = ("projection", "span", "autoencoder", "transformer")
     token_reads: int = 4
     dlg_iterations: int = 300
     ig_iterations: int = 400
@@ -89,7 +89,7 @@ class ValidityConfig:
 
 QUICK = ValidityConfig(
     sigmas=(1e-4, 1e-3, 1e-2, 0.1, 0.5, 2.0), stage_epochs=(0, 1, 2), n_audit=32, n_attack=2, n_train=1024,
-    lr=3e-3, lr_draws=1, id_trials=4, token_encoders=("projection", "autoencoder"), token_reads=1,
+    lr=3e-3, lr_draws=1, id_trials=4, token_encoders=("span", "autoencoder"), token_reads=1,
     dlg_iterations=40, ig_iterations=150, dlg_restarts=1, i2f_probes=2,
 )
 

@@ -35,8 +35,8 @@ from _common import fmt, markdown_table
 NAME = "monitor_cost"
 MAX_GRAD_NORM = 1.0
 FLOOR = 0.05
-CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-mine", "autoencoder"),
-           ("token-mine", "transformer")]
+CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-mine", "span"),
+           ("token-mine", "autoencoder"), ("token-mine", "transformer")]
 
 
 def _label(estimator: str, encoder: str | None) -> str:
@@ -144,6 +144,8 @@ Path("/proc/self/clear_refs").write_text("5")
 _, before = memory()
 start = time.perf_counter()
 with torch.no_grad():
+    if hasattr(encoder, "set_basis"):  # the span encoder fits its basis to these (clean) gradients first
+        encoder.set_basis(grads)
     tokens = encoder(grads)
 ms = 1000 * (time.perf_counter() - start)
 peak, _ = memory()
@@ -175,7 +177,7 @@ def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grads.pt"
         torch.save([g.contiguous() for g in grads], path)
-        for name in ("projection", "autoencoder", "transformer"):
+        for name in ("projection", "span", "autoencoder", "transformer"):
             result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(path), name, str(_common.REPO_ROOT)],
                                     capture_output=True, text=True, check=True)
             child = json.loads(result.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ import torch
 from adaptive_dp.tokens import (
     TOKEN_ENCODERS,
     ProjectionTokenEncoder,
+    SpanTokenEncoder,
     build_token_encoder,
     chunked_gaussian_projection,
 )
@@ -22,18 +23,57 @@ def _grads(batch: int, shapes=SHAPES, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(batch, *s, generator=g) for s in shapes]
 
 
+def _build(name: str, *, dim: int, seed: int, basis_from: list[torch.Tensor] | None = None):
+    """An encoder ready to use; the span encoder gets its basis from ``basis_from`` (clean gradients)."""
+    enc = build_token_encoder(name, layer_shapes=SHAPES, dim=dim, seed=seed)
+    if isinstance(enc, SpanTokenEncoder):
+        enc.set_basis(basis_from if basis_from is not None else _grads(40, seed=11))
+    return enc
+
+
 @pytest.mark.parametrize("name", sorted(TOKEN_ENCODERS))
 def test_encoders_shape_determinism_and_global_rng(name):
     grads = _grads(6)
     before = torch.random.get_rng_state()
-    a = build_token_encoder(name, layer_shapes=SHAPES, dim=24, seed=3)
+    a = _build(name, dim=24, seed=3)
     tokens = a(grads)
     assert torch.equal(before, torch.random.get_rng_state()), "building/using an encoder moved the global RNG"
     assert tokens.shape == (6, 24) and torch.isfinite(tokens).all()
-    b = build_token_encoder(name, layer_shapes=SHAPES, dim=24, seed=3)
+    b = _build(name, dim=24, seed=3)
     assert torch.allclose(tokens, b(grads))
-    c = build_token_encoder(name, layer_shapes=SHAPES, dim=24, seed=4)
-    assert not torch.allclose(tokens, c(grads))
+    if name != "span":  # the span basis is a function of the clean gradients alone (nothing random)
+        c = _build(name, dim=24, seed=4)
+        assert not torch.allclose(tokens, c(grads))
+
+
+def test_span_keeps_every_distance_when_dim_covers_the_examples():
+    # independent truth: the Euclidean distances of the flattened gradients; with dim ≥ N the basis spans
+    # all N clean gradients, so tokens are an isometric image of them (and of anything in their span)
+    clean = _grads(12, seed=2)
+    flat = torch.cat([g.reshape(12, -1) for g in clean], dim=1).double()
+    enc = SpanTokenEncoder(layer_shapes=SHAPES, dim=16)
+    enc.set_basis(clean)
+    tokens = enc.reduce(clean).double()
+    assert torch.allclose(torch.cdist(tokens, tokens), torch.cdist(flat, flat), rtol=1e-4, atol=1e-3)
+    mix = [0.3 * a[0:1] - 1.2 * a[5:6] for a in clean]  # a vector inside the span: its norm is kept too
+    mix_flat = 0.3 * flat[0] - 1.2 * flat[5]
+    assert float(enc.reduce(mix).double().norm()) == pytest.approx(float(mix_flat.norm()), rel=1e-4)
+    # fewer directions than examples: the leading ones (kernel PCA), capturing most of the energy
+    small = SpanTokenEncoder(layer_shapes=SHAPES, dim=4)
+    small.set_basis(clean)
+    kept = float(small.reduce(clean).double().pow(2).sum())
+    eig = torch.linalg.eigvalsh(flat @ flat.T).flip(0)
+    assert kept == pytest.approx(float(eig[:4].sum()), rel=1e-4)
+
+
+def test_span_needs_a_basis_and_two_examples():
+    enc = SpanTokenEncoder(layer_shapes=SHAPES, dim=8)
+    with pytest.raises(RuntimeError, match="set_basis"):
+        enc.reduce(_grads(2))
+    with pytest.raises(ValueError, match="at least 2"):
+        enc.set_basis(_grads(1))
+    with pytest.raises(ValueError, match="rel_eps"):
+        SpanTokenEncoder(layer_shapes=SHAPES, dim=8, rel_eps=1.0)
 
 
 def test_projection_preserves_geometry_on_average():
@@ -55,7 +95,7 @@ def test_projection_preserves_geometry_on_average():
 @pytest.mark.parametrize("name", sorted(TOKEN_ENCODERS))
 def test_noise_covariance_matches_sketched_noise(name):
     # reduce() is linear: reduce(ξ) for ξ ~ N(0, I_P) must have exactly noise_covariance() as covariance.
-    enc = build_token_encoder(name, layer_shapes=SHAPES, dim=16, seed=1)
+    enc = _build(name, dim=16, seed=1)
     cov = enc.noise_covariance()
     n = 3000
     z = enc.reduce(_grads(n, seed=5)).double()
