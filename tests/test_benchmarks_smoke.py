@@ -71,6 +71,36 @@ def test_leakage_validity_core_on_digits():
     assert head["recommended_estimator"] in out["meters"]
 
 
+def test_recommendation_prefers_the_training_free_meter_within_the_tie_margin():
+    def dataset(lr_rho, other_rho):
+        corr = {"identification": {"likelihood-ratio": lr_rho, "token-mine/span": other_rho},
+                "psnr": {"likelihood-ratio": 0.5, "token-mine/span": 0.5},
+                "sigma": {"likelihood-ratio": -0.9, "token-mine/span": -0.9}}
+        return {"meters": ["likelihood-ratio", "token-mine/span"], "correlations": corr}
+
+    margin = leakage_validity.TIE_MARGIN
+    assert leakage_validity.headline({"a": dataset(0.95, 0.95 + margin / 2)})["recommended_estimator"] == (
+        "likelihood-ratio")
+    assert leakage_validity.headline({"a": dataset(0.95, 0.95 + 2 * margin)})["recommended_estimator"] == (
+        "token-mine/span")
+    # the worst data set decides
+    assert leakage_validity.headline({"a": dataset(0.99, 0.8), "b": dataset(0.9, 0.97)})[
+        "recommended_estimator"] == "likelihood-ratio"
+
+
+def test_report_only_rebuilds_the_report_from_the_json(tmp_path):
+    results = BENCHMARKS / "results" / "leakage_validity.json"
+    (tmp_path / "leakage_validity.json").write_text(results.read_text())
+    with redirect_stdout(io.StringIO()):
+        summary = leakage_validity.main(["--report-only", "--out-dir", str(tmp_path)])
+    committed = json.loads(results.read_text())
+    assert summary["recommended_estimator"] == leakage_validity.headline(committed["by_dataset"])["recommended_estimator"]
+    text = (tmp_path / "leakage_validity.md").read_text()
+    assert "rebuilt from the committed JSON" in text and (tmp_path / "leakage_validity.png").stat().st_size > 0
+    for name in committed["by_dataset"]:
+        assert f"## {name}" in text
+
+
 def test_rescaled_schedule_spends_the_budget_per_opacus():
     from opacus.accountants import RDPAccountant
 
