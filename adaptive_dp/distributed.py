@@ -29,11 +29,12 @@ import contextlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "DistributedContext", "DistributedError", "RankTracker", "all_gather_object",
-    "barrier", "broadcast_object", "collective_errors", "distributed_poisson_loader", "get_rank",
+    "barrier", "broadcast_object", "collective_errors", "distributed_poisson_loader", "exit_after_failure", "get_rank",
     "get_world_size", "init_distributed", "is_distributed", "is_main_process", "launched_by_torchrun",
     "rank_history_path", "shutdown", "unwrap_distributed", "wrap_model",
 ]
@@ -170,6 +171,21 @@ def shutdown() -> None:
     """Leave the process group (no-op without one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_after_failure(code: int) -> NoReturn:
+    """End this process with ``code`` after a :class:`DistributedError`, skipping interpreter teardown.
+
+    Once a peer has died, the gloo process group cannot be torn down cleanly: its destructor can abort the
+    interpreter (``terminate called without an active exception``, SIGABRT, exit code -6) after the error
+    was handled, so the exit code would no longer say what happened. Everything this library writes is
+    flushed when written (history JSONL, summary, checkpoint); this flushes stdout/stderr and calls
+    ``os._exit(code)``.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))
 
 
 @contextlib.contextmanager

@@ -253,4 +253,9 @@ def test_torchrun_cli_writes_rank_histories(tmp_path, data_root):
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
+    code = _worker(sys.argv[1], Path(sys.argv[2]))
+    if code:  # after a DistributedError the broken gloo group can abort the teardown: exit as the CLI does
+        from adaptive_dp.distributed import exit_after_failure
+
+        exit_after_failure(code)
+    sys.exit(code)

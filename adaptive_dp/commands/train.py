@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         if type(exc).__name__ != "DistributedError":  # adaptive_dp.distributed (not imported here: fast --help)
             raise
         print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
-        return 1
+        from adaptive_dp.distributed import exit_after_failure
+
+        exit_after_failure(1)  # a broken gloo group can abort the interpreter's teardown (exit -6 instead of 1)
     if (summary.get("distributed") or {}).get("rank", 0) != 0:
         return 0  # under torchrun rank 0 reports the run
     outputs = summary["outputs"]
