@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +226,43 @@ def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool) -> d
     merged = dict(old.get("by_dataset", {}))
     merged.update(by_dataset)
     return merged
+
+
+def add_report_only(parser: argparse.ArgumentParser) -> None:
+    """``--report-only``: run nothing, rebuild the result files from the committed JSON."""
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the .json headline, .md and .png from the committed .json with "
+                             "the current report code")
+
+
+def per_dataset_results(args: argparse.Namespace, json_path: Path, datasets: list[str],
+                        run: Callable[[str], dict]) -> tuple[dict[str, dict], float]:
+    """The per-data-set results a validation script reports, and the wall time to print.
+
+    Runs ``run(name)`` for each data set (stamping each result with the command that produced it) and merges
+    the earlier invocations' data sets from ``json_path`` (:func:`merge_previous`); with ``--report-only``
+    runs nothing and returns what ``json_path`` holds, with the data sets' run times summed as wall time.
+
+    Raises:
+        SystemExit: ``--report-only`` without results of this mode in ``json_path``.
+    """
+    started = time.time()
+    if getattr(args, "report_only", False):
+        by_dataset = merge_previous(json_path, {}, quick=args.quick)
+        if not by_dataset:
+            raise SystemExit(f"--report-only: no {'quick' if args.quick else 'full'}-mode results in {json_path}")
+        return by_dataset, started - sum(float(d.get("seconds", 0.0)) for d in by_dataset.values())
+    by_dataset = {}
+    for name in datasets:
+        by_dataset[name] = run(name)
+        by_dataset[name]["command"] = command_line()
+    return merge_previous(json_path, by_dataset, quick=args.quick), started
+
+
+def dataset_command(script: str, name: str, result: dict) -> str:
+    """The command that produced one data set's results (older result files lack it: the documented one)."""
+    return result.get("command") or f"python benchmarks/{script} --dataset {name}"
+
+
+REBUILT_NOTE = {"Report": "rebuilt from the committed JSON (`--report-only`); the wall time is the data sets' "
+                          "run times summed, the run commands are on each data set's line"}

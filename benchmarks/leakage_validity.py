@@ -563,8 +563,7 @@ def plot(by_dataset: dict[str, dict], path: Path) -> None:
 def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: bool = False) -> str:
     """The .md report: provenance, headline, per-data-set correlation tables, per-example ranks, notes."""
     head = payload["headline"]
-    extra = {"Report": "rebuilt from the committed JSON (`--report-only`); the wall time is the data sets' run "
-                       "times summed, the run commands are on each data set's line"} if rebuilt else None
+    extra = _common.REBUILT_NOTE if rebuilt else None
     lines = [f"# Leakage validity: do the meters track real attacks?{' (QUICK MODE)' if quick else ''}", "",
              _common.provenance_block(quick=quick, started=started, extra=extra), ""]
     for name, d in sorted(payload["by_dataset"].items()):
@@ -577,7 +576,7 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
                   f"{c['ig_restarts']} restart(s); "
                   f"{c['id_trials']} identification trials per candidate; token-mine encoders "
                   f"{c['token_encoders']} ({c['token_reads']} reads per σ); run time {d['seconds']:.0f} s; command "
-                  f"`{d.get('command') or f'python benchmarks/leakage_validity.py --dataset {name}'}`"]
+                  f"`{_common.dataset_command('leakage_validity.py', name, d)}`"]
     lines += ["", "## Headline (worst case over the data sets run: the ρ with the smallest |ρ|)", "",
               markdown_table(["meter", "ρ vs identification", "ρ vs best PSNR", "ρ vs σ", "tracks"],
                              [[m, head["spearman_mi_identification"][m], head["spearman_mi_psnr"][m],
@@ -637,28 +636,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", action="append", choices=["mnist", "cifar10", "digits", "fashion-mnist"],
                         help="data set(s) to run (default: mnist and cifar10); results of earlier invocations "
                              "of the same mode are merged")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: rebuild the .json headline, .md and .png from the committed .json with "
-                             "the current report code")
+    _common.add_report_only(parser)
     args = parser.parse_args(argv)
     _common.setup_torch(args.threads)
-    started = time.time()
     config = replace(QUICK if args.quick else ValidityConfig(), seed=args.seed)
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
+    by_dataset, started = _common.per_dataset_results(
+        args, json_path, args.dataset or ["mnist", "cifar10"],
+        lambda d: run_dataset(d, config=config, data_dir=args.data_dir))
     if args.report_only:
-        by_dataset = _common.merge_previous(json_path, {}, quick=args.quick)
-        if not by_dataset:
-            raise SystemExit(f"--report-only: no {'quick' if args.quick else 'full'}-mode results in {json_path}")
         for d in by_dataset.values():  # the correlations follow the current definitions (e.g. tie handling)
             d["correlations"] = correlations(d["points"], d["meters"])
-        started -= sum(float(d.get("seconds", 0.0)) for d in by_dataset.values())
-    else:
-        datasets = args.dataset or ["mnist", "cifar10"]
-        by_dataset = {d: run_dataset(d, config=config, data_dir=args.data_dir) for d in datasets}
-        for d in datasets:
-            by_dataset[d]["command"] = _common.command_line()
-        by_dataset = _common.merge_previous(json_path, by_dataset, quick=args.quick)
     head = headline(by_dataset)
     payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
                "machine": _common.machine_description(), **head, "headline": head, "by_dataset": by_dataset}

@@ -568,10 +568,11 @@ HEADER = ["policy", "ε budget", "test acc", "guarantee ε", "odometer ε", "σ 
           "frac > ceiling", "id rate", "IG PSNR", "wall s", "note"]
 
 
-def markdown(payload: dict[str, Any], *, started: float, quick: bool) -> str:
+def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: bool = False) -> str:
     """The .md report: provenance, per data set both tables, the best rows, and where adaptive loses."""
     lines = [f"# Noise policies: fixed, scheduled and closed-loop σ{' (QUICK MODE)' if quick else ''}", "",
-             _common.provenance_block(quick=quick, started=started), ""]
+             _common.provenance_block(quick=quick, started=started,
+                                      extra=_common.REBUILT_NOTE if rebuilt else None), ""]
     for name, d in sorted(payload["by_dataset"].items()):
         c = d["config"]
         info = d["ceiling_info"]
@@ -584,7 +585,8 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool) -> str:
                   f"{d['n_audit']} = {fmt(math.log(d['n_audit']))}) every {c['monitor_every']} steps; end-of-run "
                   f"attacks on the final model at the final σ: identification over the {d['n_audit']} audit "
                   f"images ({c['id_trials']} releases each), Inverting Gradients ({c['attack_iterations']} its) "
-                  f"on {c['attack_images']} audit image(s). Run time {d['seconds']:.0f} s.", ""]
+                  f"on {c['attack_images']} audit image(s). Run time {d['seconds']:.0f} s; command "
+                  f"`{_common.dataset_command('policies.py', name, d)}`.", ""]
         if d["budget"]:
             lines += [f"### (a) Same ε budget (threshold/PID setpoint = {c['ceiling']} nats)", "",
                       markdown_table(HEADER, _table_rows(d["budget"])), ""]
@@ -624,23 +626,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", action="append", choices=["mnist", "cifar10", "digits", "fashion-mnist"],
                         help="data set(s) (default: mnist in --quick, mnist then cifar10 otherwise); results of "
                              "earlier invocations of the same mode are merged")
+    _common.add_report_only(parser)
     args = parser.parse_args(argv)
     _common.setup_torch(args.threads)
-    started = time.time()
-    datasets = args.dataset or (["mnist"] if args.quick else ["mnist", "cifar10"])
-    by_dataset = {}
-    for d in datasets:
-        config = replace(QUICK if args.quick else FULL.get(d, PolicyConfig()), seed=args.seed)
-        by_dataset[d] = run_dataset(d, config=config, data_dir=args.data_dir)
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
-    by_dataset = _common.merge_previous(json_path, by_dataset, quick=args.quick)
+
+    def run(d: str) -> dict[str, Any]:
+        config = replace(QUICK if args.quick else FULL.get(d, PolicyConfig()), seed=args.seed)
+        return run_dataset(d, config=config, data_dir=args.data_dir)
+
+    by_dataset, started = _common.per_dataset_results(
+        args, json_path, args.dataset or (["mnist"] if args.quick else ["mnist", "cifar10"]), run)
     best = {d: best_rows(r) for d, r in by_dataset.items()}
     payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
                "machine": _common.machine_description(), "best": best, "by_dataset": by_dataset}
     _common.write_json(json_path, payload)
     plot(by_dataset, out_dir / f"{NAME}.png")
-    _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick))
+    _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick,
+                                                            rebuilt=args.report_only))
     summary = {"benchmark": NAME, "quick": args.quick, "best": best, "seconds": round(time.time() - started, 1)}
     _common.print_summary(summary)
     return summary
