@@ -168,8 +168,15 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
 
 
 def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
+    """Leave the process group (no-op without one).
+
+    A barrier first, so that no rank tears its connections down while a peer is still finishing the last
+    collective (gloo can abort the peer's interpreter then); a failing barrier (a peer already gone) is
+    ignored, the group is destroyed either way.
+    """
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()
 
 
