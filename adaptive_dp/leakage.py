@@ -625,9 +625,11 @@ class TokenMINEEstimator:
         sigma = float(noise_multiplier)
         scale = 1.0 / max_grad_norm
         with torch.no_grad():
+            scaled = [g * scale for g in clean]
             if hasattr(self.encoder, "set_basis"):  # a data-adaptive basis follows the current model
-                self.encoder.set_basis([g * scale for g in clean])
-            z_clean = self.encoder.reduce([g * scale for g in clean]).float()
+                z_clean = self.encoder.set_basis(scaled)
+            else:
+                z_clean = self.encoder.reduce(scaled).float()
             f = features.to(self.device).float()
             f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
         # Replay only audit pairs read at (nearly) the current noise level: a critic tuned to another σ is

@@ -489,7 +489,6 @@ class TransformerTokenEncoder(_DenoisingEncoder):
         return self.head(h.mean(dim=1))
 
 
-#: Registry of privacy-token encoders by name.
 class SpanTokenEncoder(TokenEncoder):
     """Orthonormal projection onto the leading principal directions of the clean audit gradients.
 
@@ -518,7 +517,7 @@ class SpanTokenEncoder(TokenEncoder):
         >>> import torch
         >>> enc = SpanTokenEncoder(layer_shapes=[(3,)], dim=2)
         >>> clean = [torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])]
-        >>> enc.set_basis(clean)
+        >>> tokens = enc.set_basis(clean)           # fit the basis; returns the clean tokens
         >>> enc.reduce(clean).abs().round(decimals=4)   # distances between examples are kept exactly
         tensor([[0., 1.],
                 [2., 0.]])
@@ -544,8 +543,11 @@ class SpanTokenEncoder(TokenEncoder):
             total = part if total is None else total + part
         return total
 
-    def set_basis(self, clean: Sequence[Tensor]) -> None:
+    def set_basis(self, clean: Sequence[Tensor]) -> Tensor:
         """Fit the basis to the clean audit gradients (per layer ``[N, *shape]``), N ≥ 2.
+
+        Returns:
+            Their tokens, [N, dim] float32 (= ``reduce(clean)``, from the Gram matrix already formed here).
 
         Raises:
             ValueError: if the gradient list does not match ``layer_shapes``, N < 2, or the gradients are
@@ -560,13 +562,13 @@ class SpanTokenEncoder(TokenEncoder):
             raise ValueError("non-finite clean gradients: cannot fit the span basis")
         evals, evecs = torch.linalg.eigh(0.5 * (gram + gram.T))
         evals, evecs = evals.flip(0)[: self.dim], evecs.flip(1)[:, : self.dim]
-        keep = evals > self.rel_eps * max(float(evals[0]), 0.0) if evals.numel() else evals > 0
-        keep &= evals > 0
+        keep = (evals > 0) & (evals > self.rel_eps * evals[0])
         scale = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
         coef = evecs * scale
         if coef.shape[1] < self.dim:  # fewer examples than dim: pad with zero directions
             coef = torch.cat([coef, coef.new_zeros(n, self.dim - coef.shape[1])], dim=1)
         self._coef = coef
+        return (gram @ coef).float()
 
     def reduce(self, grads: Sequence[Tensor]) -> Tensor:
         """Tokens Vᵀ g, [B, dim] (float32; computed in float64).
@@ -587,6 +589,7 @@ class SpanTokenEncoder(TokenEncoder):
         return torch.eye(self.dim, dtype=torch.float64, device=device)
 
 
+#: Registry of privacy-token encoders by name.
 TOKEN_ENCODERS: dict[str, type[TokenEncoder]] = {
     "projection": ProjectionTokenEncoder,
     "span": SpanTokenEncoder,

@@ -355,11 +355,15 @@ def _table_value(value: Any) -> Any:
     return value
 
 
-def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_history(path: str | os.PathLike, *, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
     """The step records of a ``history.jsonl`` file, in order.
+
+    Args:
+        torn_tail_ok: drop an unreadable LAST line (a crash in the middle of writing it) instead of raising.
 
     Raises:
         FileNotFoundError: if the file does not exist.
+        json.JSONDecodeError: on an unreadable line (except a torn last one with ``torn_tail_ok``).
     """
     path = Path(path)
     if path.is_dir():
@@ -367,7 +371,14 @@ def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no history at {path}: train with `adaptive-dp train --out DIR` first")
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        if not torn_tail_ok:
+            raise
+    return records
 
 
 def read_wandb_records(path: str | os.PathLike, *, timeout: float = 60.0) -> list[dict[str, Any]]:

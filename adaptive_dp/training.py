@@ -782,12 +782,19 @@ def _train(config: TrainConfig, *, device, progress: bool, t_start: float, conte
     return summary
 
 
+def _run_state_extra(engine, *, initial_sigma: float, audit_indices, discarded) -> dict[str, Any]:
+    """Checkpoint fields of every checkpoint (per epoch and final): engine state, starting σ, audit split,
+    discarded steps."""
+    return {"adaptive_state": engine.adaptive_state_dict(), "initial_noise_multiplier": initial_sigma,
+            "audit_indices": list(audit_indices), "discarded_steps": list(discarded)}
+
+
 def _resume_extra(engine, *, generator, initial_sigma: float, audit_indices: list[int],
                   discarded: list[dict[str, Any]]) -> dict[str, Any]:
     """The fields a per-epoch checkpoint adds so that :func:`resume` can continue the run exactly."""
-    return {"complete": False, "adaptive_state": engine.adaptive_state_dict(),
-            "loader_generator_state": generator.get_state(), "initial_noise_multiplier": initial_sigma,
-            "audit_indices": audit_indices, "discarded_steps": list(discarded)}
+    return {"complete": False, "loader_generator_state": generator.get_state(),
+            **_run_state_extra(engine, initial_sigma=initial_sigma, audit_indices=audit_indices,
+                               discarded=discarded)}
 
 
 def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine, generator, sample_rate: float
@@ -795,9 +802,9 @@ def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine
     """Load a per-epoch checkpoint into freshly wrapped objects and book the steps lost since it was written.
 
     Model, optimizer, accountant, engine (controller, monitor, Rényi filter) and the Poisson sampler's
-    generator are restored, then the global RNG states (so that an uninterrupted run and a resumed one draw
-    the same batches and the same noise; the caller restores them with :func:`set_rng_states` just before
-    the first resumed step). Steps the crashed attempt took after the checkpoint
+    generator are restored; the global RNG states are not (the caller restores them with
+    :func:`set_rng_states` just before the first resumed step, so that an uninterrupted run and a resumed one
+    draw the same batches and the same noise). Steps the crashed attempt took after the checkpoint
     (``OUT/history.jsonl`` records past its step) are lost from the model, but their noisy gradients were
     computed on private data: they are booked into the accountant and charged to the Rényi filter (fail
     closed: the odometer and the budget only count more), moved to ``OUT/discarded_steps.jsonl`` and
@@ -810,6 +817,8 @@ def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine
     Raises:
         ValueError: if the checkpoint is of a finished run, or has no resume state (an older format).
     """
+    from adaptive_dp.tracking import read_history
+
     _check_resumable(state)
     unwrap_model(model).load_state_dict(state["model_state_dict"])
     optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -820,18 +829,17 @@ def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine
     kept_step = history[-1]["step"] if history else 0
     discarded = [dict(r) for r in state.get("discarded_steps", [])]
     history_path = out / "history.jsonl"
-    logged = _read_jsonl(history_path)
-    lost = [r for r in logged if isinstance(r.get("step"), int) and r["step"] > kept_step]
+    logged = read_history(history_path, torn_tail_ok=True) if history_path.is_file() else []
+    lost = [{**r, "discarded": True} for r in logged if isinstance(r.get("step"), int) and r["step"] > kept_step]
     for record in lost:
         sigma = float(record["noise_multiplier"])
         engine.accountant.step(noise_multiplier=sigma, sample_rate=float(record.get("sample_rate") or sample_rate))
         if engine.budget_filter is not None:
             engine.budget_filter.charge(sigma)
-        discarded.append({**record, "discarded": True})
+    discarded += lost
     if lost:
         with open(out / "discarded_steps.jsonl", "a", encoding="utf-8") as f:
-            for record in lost:
-                f.write(json.dumps({**record, "discarded": True}) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in lost)
     tmp = history_path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in logged if r.get("step", 0) <= kept_step),
                    encoding="utf-8")
@@ -845,19 +853,6 @@ def _check_resumable(state: Mapping[str, Any]) -> None:
             f"{state.get('path', 'the checkpoint')} is the checkpoint of a finished run (or of a version without "
             "per-epoch checkpoints): nothing to resume; start a new run with another --out"
         )
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file; a torn last line (a crash mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def resume(out: str | os.PathLike, *, progress: bool = True, wandb_mode: str | None = None) -> dict[str, Any]:
@@ -885,7 +880,6 @@ def resume(out: str | os.PathLike, *, progress: bool = True, wandb_mode: str | N
     if wandb_mode is not None:
         config.wandb_mode = wandb_mode
     return train(config, progress=progress, _resume_state=state)
-
 
 
 def _step_epsilon(engine, delta: float) -> float:
@@ -973,9 +967,8 @@ def _finish_run(config: TrainConfig, *, tracker, engine, model, optimizer, info,
             extra={"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "epsilon": odometer,
                    "odometer_epsilon": odometer, "guarantee_epsilon": guarantee, "delta": config.delta,
                    "test_accuracy": final["test_accuracy"], "stopped_early": stop_reason is not None,
-                   "adaptive_state": engine.adaptive_state_dict(), "complete": True,
-                   "initial_noise_multiplier": initial_sigma, "audit_indices": list(audit_indices),
-                   "discarded_steps": list(discarded)},
+                   "complete": True, **_run_state_extra(engine, initial_sigma=initial_sigma,
+                                                        audit_indices=audit_indices, discarded=discarded)},
         )
     else:  # under DDP only rank 0 draws the figure and writes the checkpoint
         outputs["tradeoff"] = outputs["checkpoint"] = None

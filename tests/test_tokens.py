@@ -52,8 +52,9 @@ def test_span_keeps_every_distance_when_dim_covers_the_examples():
     clean = _grads(12, seed=2)
     flat = torch.cat([g.reshape(12, -1) for g in clean], dim=1).double()
     enc = SpanTokenEncoder(layer_shapes=SHAPES, dim=16)
-    enc.set_basis(clean)
+    fitted = enc.set_basis(clean)
     tokens = enc.reduce(clean).double()
+    assert torch.allclose(fitted.double(), tokens, rtol=1e-4, atol=1e-4)  # set_basis returns reduce(clean)
     assert torch.allclose(torch.cdist(tokens, tokens), torch.cdist(flat, flat), rtol=1e-4, atol=1e-3)
     mix = [0.3 * a[0:1] - 1.2 * a[5:6] for a in clean]  # a vector inside the span: its norm is kept too
     mix_flat = 0.3 * flat[0] - 1.2 * flat[5]

@@ -147,3 +147,14 @@ def test_mode_resolution(monkeypatch, tmp_path):
 def test_read_wandb_records_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no W&B run"):
         read_wandb_records(tmp_path / "nope.wandb")
+
+
+def test_read_history_drops_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo', encoding="utf-8")  # a crash mid-write
+    with pytest.raises(json.JSONDecodeError):
+        read_history(path)
+    assert [r["step"] for r in read_history(path, torn_tail_ok=True)] == [1, 2]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n', encoding="utf-8")  # damage before the end is an error
+    with pytest.raises(json.JSONDecodeError):
+        read_history(path, torn_tail_ok=True)
