@@ -16,10 +16,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AdaptivePrivacyEngine": "adaptive_dp.engine",
-    "PrivacyBudgetExhausted": "adaptive_dp.accounting",
-    "LeakageMonitor": "adaptive_dp.leakage",
-    "estimate_mi": "adaptive_dp.mine",
+    "AdaptivePrivacyEngine": "adaptive_dp.privacy_engine",
+    "PrivacyBudgetExhausted": "adaptive_dp.accountants.filter",
+    "LeakageMonitor": "adaptive_dp.leakage.monitor",
+    "estimate_mi": "adaptive_dp.leakage.mine",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -8,7 +8,7 @@ N(0, σ²C²), the noisy sums are all-reduced) and a ``DPDataLoader(distributed=
 its own shard at the global sample rate q, so the global batch is a Poisson sample of the whole training set
 and the accountant books q — the same q as one process with the same expected global batch size).
 
-What this module adds for :class:`adaptive_dp.engine.AdaptivePrivacyEngine`:
+What this module adds for :class:`adaptive_dp.privacy_engine.AdaptivePrivacyEngine`:
 
 * :func:`init_distributed`: join the process group torchrun describes (``RANK``, ``WORLD_SIZE``,
   ``MASTER_ADDR``, ``MASTER_PORT``), gloo on CPU, nccl on GPU, with a bounded timeout;
@@ -334,7 +334,7 @@ def rank_history_path(out: str | os.PathLike, rank: int) -> Path:
 
 
 class RankTracker:
-    """Tracking under DDP: rank 0's :class:`adaptive_dp.tracking.Tracker` (W&B + ``history.jsonl``) plus, on
+    """Tracking under DDP: rank 0's :class:`adaptive_dp.training.tracking.Tracker` (W&B + ``history.jsonl``) plus, on
     every rank, ``OUT/history.rank<R>.jsonl`` (one JSON line per step, flushed) for checking that the ranks agree.
 
     Args:
@@ -370,7 +370,7 @@ class RankTracker:
 
     def log_step(self, record: Mapping[str, Any]) -> None:
         """Write the step to this rank's file and, on rank 0, to the main tracker."""
-        from adaptive_dp.tracking import jsonable
+        from adaptive_dp.training.tracking import jsonable
 
         self._file.write(json.dumps(jsonable({**record, "rank": self.rank})) + "\n")
         self._file.flush()

@@ -1,8 +1,8 @@
 """Accountant benchmark: get_epsilon time vs number of steps with a different σ at every step.
 
-Compares :class:`adaptive_dp.accounting.IncrementalRDPAccountant` (running RDP vector) with opacus'
+Compares :class:`adaptive_dp.accountants.rdp.IncrementalRDPAccountant` (running RDP vector) with opacus'
 ``RDPAccountant`` and ``PRVAccountant`` (both recompute the whole history on each call), reports the ε of each,
-and times :meth:`adaptive_dp.budget.RenyiFilter.floor` per call over a simulated controller run.
+and times :meth:`adaptive_dp.accountants.filter.RenyiFilter.floor` per call over a simulated controller run.
 
     python benchmarks/accountant.py --quick     # ≤ 3 min on 2 cores; opacus RDP timed to 1 000 steps and
                                                 # extrapolated linearly to 5 000 (its cost is O(history))
@@ -47,7 +47,7 @@ def median_time(fn, *, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(sigmas: np.ndarray, checkpoints: list[int]) -> dict:
-    from adaptive_dp.accounting import IncrementalRDPAccountant
+    from adaptive_dp.accountants.rdp import IncrementalRDPAccountant
 
     acc = IncrementalRDPAccountant()
     rows, booked, step_time = [], 0, 0.0
@@ -95,7 +95,7 @@ def bench_opacus_prv(sigmas: np.ndarray, checkpoints: list[int], *, limit_s: flo
 
 def bench_floor(*, planned_steps: int) -> dict:
     """Per-call cost of RenyiFilter.floor over a run where a random controller adds noise above the floor."""
-    from adaptive_dp.budget import RenyiFilter
+    from adaptive_dp.accountants.filter import RenyiFilter
 
     t0 = time.perf_counter()
     filt = RenyiFilter(target_epsilon=3.0, target_delta=DELTA, sample_rate=SAMPLE_RATE, planned_steps=planned_steps)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import opacus
 
-    from adaptive_dp.accounting import prv_epsilon
+    from adaptive_dp.accountants.rdp import prv_epsilon
 
     ours_points = [100, 300, 1000, 3000, 5000, 10000]
     rdp_points = [100, 300, 1000] if args.quick else [100, 300, 1000, 3000, 5000]

@@ -29,18 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptive_dp.attacks import (  # noqa: E402
+from adaptive_dp.attacks.i2f import expected_i2f_lower_bound, i2f_lower_bound  # noqa: E402
+from adaptive_dp.attacks.identification import identification_curve  # noqa: E402
+from adaptive_dp.attacks.inversion import (  # noqa: E402
     dlg,
     idlg,
     inverting_gradients,
     release_gradient,
     with_normalization,
 )
-from adaptive_dp.data import DataNotFoundError, load_dataset  # noqa: E402
-from adaptive_dp.i2f import expected_i2f_lower_bound, i2f_lower_bound  # noqa: E402
-from adaptive_dp.identification import identification_curve  # noqa: E402
-from adaptive_dp.metrics import psnr  # noqa: E402
-from adaptive_dp.models import build_model  # noqa: E402
+from adaptive_dp.attacks.metrics import psnr  # noqa: E402
+from adaptive_dp.data.datasets import DataNotFoundError, load_dataset  # noqa: E402
+from adaptive_dp.models.cnn import build_model  # noqa: E402
 
 CLIP = 1.0
 SPEED_SIGMA = 1e-3

@@ -6,9 +6,9 @@ beside every attack on the SAME audit images (held-out test images, never traine
 
 * meters — the likelihood-ratio estimator (``LeakageMonitor(estimator="likelihood-ratio")``), the learned
   privacy-token estimator with each token encoder (``estimator="token-mine"``), and the I²F lower bound
-  (``adaptive_dp.i2f.expected_i2f_lower_bound``: a lower bound on reconstruction error, so *higher = less
+  (``adaptive_dp.attacks.i2f.expected_i2f_lower_bound``: a lower bound on reconstruction error, so *higher = less
   leakage*; LeNet only);
-* attacks — identification (the likelihood-ratio linkage attack of ``adaptive_dp.identification``: which of
+* attacks — identification (the likelihood-ratio linkage attack of ``adaptive_dp.attacks.identification``: which of
   the N audit examples produced this noisy clipped gradient), DLG and Inverting Gradients on single-image
   releases (LeNet only), scored by PSNR/SSIM against the private image.
 
@@ -113,7 +113,7 @@ def load_data(dataset: str, *, data_dir: str | None, config: ValidityConfig):
     import torch
     from torch.utils.data import Subset
 
-    from adaptive_dp.data import load_dataset
+    from adaptive_dp.data.datasets import load_dataset
 
     if dataset != "digits":  # digits ship inside scikit-learn
         data_dir = str(_common.data_root(data_dir))
@@ -139,7 +139,7 @@ def train_stages(model_name: str, info, train, *, config: ValidityConfig):
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     model = build_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
                         image_size=info.image_size, seed=config.seed)
@@ -162,7 +162,7 @@ def test_accuracy(model, info, audit_x, audit_y) -> float:
     """Accuracy on the audit images (held-out test images)."""
     import torch
 
-    from adaptive_dp.data import normalize
+    from adaptive_dp.data.datasets import normalize
 
     with torch.no_grad():
         return float((model(normalize(audit_x, info)).argmax(1) == audit_y).float().mean())
@@ -175,15 +175,15 @@ def likelihood_ratio_meter(model01, audit_x, audit_y, *, sigmas, draws: int, see
     """The likelihood-ratio monitor's reading at each σ, and each audit example's share of it.
 
     The per-example value is example i's InfoNCE term log N + S_ii − logsumexp_j S_ij of the critic
-    S = :func:`adaptive_dp.mine.likelihood_ratio_scores`; their mean over i is the monitor's reading.
+    S = :func:`adaptive_dp.leakage.mine.likelihood_ratio_scores`; their mean over i is the monitor's reading.
 
     Returns:
         ``{"mi": [S] nats (mean over ``draws`` readings), "per_example": [S][N] nats, "cap": log N}``.
     """
     import torch
 
-    from adaptive_dp.leakage import LeakageMonitor
-    from adaptive_dp.mine import likelihood_ratio_scores
+    from adaptive_dp.leakage.mine import likelihood_ratio_scores
+    from adaptive_dp.leakage.monitor import LeakageMonitor
 
     monitor = LeakageMonitor(model01, (audit_x, audit_y), max_grad_norm=MAX_GRAD_NORM, estimator=LR, seed=seed,
                              max_audit=len(audit_x))
@@ -207,7 +207,7 @@ def token_meter(model01, audit_x, audit_y, *, sigmas, encoder: str, reads: int, 
 
     ``reads`` readings are taken at each σ (each trains the critic on fresh draws); the last is reported.
     """
-    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.leakage.monitor import LeakageMonitor
 
     monitor = LeakageMonitor(model01, (audit_x, audit_y), max_grad_norm=MAX_GRAD_NORM, estimator="token-mine",
                              token_encoder=encoder, seed=seed, max_audit=len(audit_x))
@@ -222,9 +222,9 @@ def token_meter(model01, audit_x, audit_y, *, sigmas, encoder: str, reads: int, 
 def i2f_per_image(model01, images, labels, *, probes: int, seed: int) -> list[float]:
     """Expected I²F lower bound per image at σ = 1 (it is linear in σ: multiply by σ for other σ).
 
-    Source: Zhang et al. 2023, Eq. 6, via :func:`adaptive_dp.i2f.expected_i2f_lower_bound`.
+    Source: Zhang et al. 2023, Eq. 6, via :func:`adaptive_dp.attacks.i2f.expected_i2f_lower_bound`.
     """
-    from adaptive_dp.i2f import expected_i2f_lower_bound
+    from adaptive_dp.attacks.i2f import expected_i2f_lower_bound
 
     return [float(expected_i2f_lower_bound(model01, images[i:i + 1], labels[i:i + 1], noise_multiplier=1.0,
                                            max_grad_norm=MAX_GRAD_NORM, probes=probes, seed=seed).value)
@@ -238,13 +238,13 @@ def identification_per_example(model01, audit_x, audit_y, *, sigmas, trials: int
     """Per-candidate identification rate at each σ ([S][N]), common random numbers across σ.
 
     Each candidate's clipped gradient is released ``trials`` times (noise σ·C·z, the same z for every σ) and
-    :func:`adaptive_dp.identification.identify` picks the nearest of the N candidates; the mean over
-    candidates is :func:`adaptive_dp.identification.identification_curve`'s rate.
+    :func:`adaptive_dp.attacks.identification.identify` picks the nearest of the N candidates; the mean over
+    candidates is :func:`adaptive_dp.attacks.identification.identification_curve`'s rate.
     """
     import torch
 
-    from adaptive_dp.attacks import clipped_per_sample_gradients
-    from adaptive_dp.identification import identify
+    from adaptive_dp.attacks.identification import identify
+    from adaptive_dp.attacks.inversion import clipped_per_sample_gradients
 
     clean = clipped_per_sample_gradients(model01, audit_x, audit_y, max_grad_norm=MAX_GRAD_NORM)
     n = clean.shape[0]
@@ -265,8 +265,8 @@ def reconstruction(model01, images, labels, *, sigmas, config: ValidityConfig) -
     """
     import torch
 
-    from adaptive_dp.attacks import dlg, inverting_gradients, release_gradient
-    from adaptive_dp.metrics import evaluate_reconstructions
+    from adaptive_dp.attacks.inversion import dlg, inverting_gradients, release_gradient
+    from adaptive_dp.attacks.metrics import evaluate_reconstructions
 
     shape = tuple(images.shape[1:])
     out = {a: {"psnr": [], "ssim": []} for a in ("dlg", "ig")}
@@ -321,7 +321,7 @@ class StageResult:
 def evaluate_stage(dataset: str, model_name: str, epochs: int, plain_model, info, audit_x, audit_y, *,
                    config: ValidityConfig) -> StageResult:
     """All meters and attacks for one trained snapshot (the model is wrapped to take [0, 1] images)."""
-    from adaptive_dp.attacks import with_normalization
+    from adaptive_dp.attacks.inversion import with_normalization
 
     start = time.perf_counter()
     model01 = with_normalization(plain_model, info.mean, info.std).eval()

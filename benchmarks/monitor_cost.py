@@ -47,7 +47,7 @@ def _cifar(seed: int, data_dir: str | None) -> tuple[Any, Any, str]:
     """(audit 64+, training 256) tensors of CIFAR-10 (JPEG) test images, or random ones if it is missing."""
     import torch
 
-    from adaptive_dp.data import load_dataset
+    from adaptive_dp.data.datasets import load_dataset
 
     try:
         root = _common.data_root(data_dir)
@@ -71,7 +71,7 @@ def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> 
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     model = build_model(model_name, in_channels=3, num_classes=10, image_size=32, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -97,8 +97,8 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> 
     """Median ms per read (after one warm-up read) for each estimator / encoder, σ = 1."""
     import torch
 
-    from adaptive_dp.leakage import LeakageMonitor
-    from adaptive_dp.models import build_model
+    from adaptive_dp.leakage.monitor import LeakageMonitor
+    from adaptive_dp.models.cnn import build_model
 
     model = build_model(model_name, in_channels=3, num_classes=10, image_size=32, seed=seed)
     rows = []
@@ -132,7 +132,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[3])
-from adaptive_dp.tokens import build_token_encoder
+from adaptive_dp.leakage.tokens import build_token_encoder
 
 def memory():
     status = Path("/proc/self/status").read_text()
@@ -166,8 +166,8 @@ def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str
 
     import torch
 
-    from adaptive_dp.leakage import LeakageMonitor
-    from adaptive_dp.models import build_model
+    from adaptive_dp.leakage.monitor import LeakageMonitor
+    from adaptive_dp.models.cnn import build_model
 
     model = build_model("resnet20", in_channels=3, num_classes=10, image_size=32, seed=seed)
     x, y = audit
@@ -188,7 +188,7 @@ def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str
 
 
 def _curve(model, audit, *, sigmas, seed: int) -> list[dict[str, Any]]:
-    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.leakage.monitor import LeakageMonitor
 
     rows = []
     for estimator, encoder in CONFIGS:
@@ -207,8 +207,8 @@ def _trained_digits(seed: int, steps: int = 300):
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from adaptive_dp.data import audit_split, load_dataset
-    from adaptive_dp.models import build_model
+    from adaptive_dp.data.datasets import audit_split, load_dataset
+    from adaptive_dp.models.cnn import build_model
 
     train, audit = audit_split(load_dataset("digits"), size=128, seed=seed)
     model = build_model("small-cnn", in_channels=1, num_classes=10, image_size=8, seed=seed)
@@ -233,7 +233,7 @@ def main() -> None:
     started = time.time()
     import torch
 
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     repeats = 1 if args.quick else 5
     train, audit_pool, source = _cifar(args.seed, args.data_dir)

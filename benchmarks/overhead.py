@@ -43,8 +43,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptive_dp.engine import AdaptivePrivacyEngine
-from adaptive_dp.models import build_model
+from adaptive_dp.models.cnn import build_model
+from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
 SETUPS = ("nonprivate", "opacus", "ours_every10", "ours_every1")
 BATCH = 256

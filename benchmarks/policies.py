@@ -127,7 +127,7 @@ def load_data(dataset: str, *, data_dir: str | None, config: PolicyConfig) -> Da
     import torch
     from torch.utils.data import Subset
 
-    from adaptive_dp.data import audit_split, load_dataset
+    from adaptive_dp.data.datasets import audit_split, load_dataset
 
     if dataset != "digits":  # digits ship inside scikit-learn
         data_dir = str(_common.data_root(data_dir))
@@ -163,7 +163,7 @@ def schedule_sigmas(name: str, *, sigma_start: float, total_steps: int) -> np.nd
 
 def plan_epsilon(sigmas: np.ndarray, *, sample_rate: float, delta: float = DELTA) -> float:
     """ε at δ of the RDP composition of a fixed σ plan (Mironov 2017; opacus' conversion)."""
-    from adaptive_dp.accounting import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
+    from adaptive_dp.accountants.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
 
     rdp = rdp_sampled_gaussian(sample_rate=sample_rate, noise_multiplier=np.asarray(sigmas, dtype=float)).sum(0)
     return epsilon_from_rdp(rdp, orders=DEFAULT_ORDERS, delta=delta)[0]
@@ -219,7 +219,7 @@ class RunResult:
 
 
 def _model(data: Data, config: PolicyConfig):
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     info = data.info
     return build_model("small-cnn", in_channels=info.in_channels, num_classes=info.num_classes,
@@ -239,7 +239,7 @@ def _train(model, optimizer, loader, *, epochs: int, on_step=None) -> str:
     """DP-SGD epochs; stops early (and says so) on ``PrivacyBudgetExhausted``."""
     import torch.nn.functional as F
 
-    from adaptive_dp.budget import PrivacyBudgetExhausted
+    from adaptive_dp.accountants.filter import PrivacyBudgetExhausted
 
     model.train()
     for _ in range(epochs):
@@ -264,7 +264,7 @@ def _plain_copy(private_model, data: Data, config: PolicyConfig):
 
 
 def _accuracy(model, test) -> float:
-    from adaptive_dp.training import evaluate
+    from adaptive_dp.training.loop import evaluate
 
     return float(evaluate(model, test)["accuracy"])
 
@@ -273,9 +273,9 @@ def _end_attacks(plain, data: Data, *, sigma: float, config: PolicyConfig) -> tu
     """Identification rate over the audit split and mean Inverting Gradients PSNR (dB) at the final σ."""
     import torch
 
-    from adaptive_dp.attacks import inverting_gradients, release_gradient, with_normalization
-    from adaptive_dp.identification import identification_attack
-    from adaptive_dp.metrics import psnr
+    from adaptive_dp.attacks.identification import identification_attack
+    from adaptive_dp.attacks.inversion import inverting_gradients, release_gradient, with_normalization
+    from adaptive_dp.attacks.metrics import psnr
 
     model01 = with_normalization(plain, data.info.mean, data.info.std).eval()
     ident = identification_attack(model01, data.audit_x01, data.audit_y, noise_multiplier=sigma,
@@ -315,7 +315,7 @@ def run_opacus_uniform(data: Data, *, target_epsilon: float, config: PolicyConfi
     import torch
     from opacus import PrivacyEngine
 
-    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.leakage.monitor import LeakageMonitor
 
     start = time.perf_counter()
     model = _model(data, config)
@@ -443,7 +443,7 @@ def empirical_sigma(data: Data, *, config: PolicyConfig, sigma_cap: float) -> tu
     Returns:
         (σ, the screening readings ``[{"sigma", "mi"}]``).
     """
-    from adaptive_dp.leakage import LeakageMonitor
+    from adaptive_dp.leakage.monitor import LeakageMonitor
 
     monitor = LeakageMonitor(_model(data, config), data.audit, max_grad_norm=MAX_GRAD_NORM, seed=config.seed,
                              max_audit=len(data.audit))

@@ -12,7 +12,7 @@ from opacus.accountants.analysis.rdp import _compute_rdp, compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 from scipy import optimize, stats
 
-from adaptive_dp.accounting import (
+from adaptive_dp.accountants.rdp import (
     DEFAULT_ORDERS,
     IncrementalRDPAccountant,
     epsilon_from_rdp,

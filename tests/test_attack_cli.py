@@ -58,7 +58,7 @@ def test_identify_all_at_zero_noise(tmp_path):
 
 
 def test_attack_a_trained_checkpoint(tmp_path):
-    from adaptive_dp.training import TrainConfig, load_trained_model, train
+    from adaptive_dp.training.loop import TrainConfig, load_trained_model, train
 
     run_dir = tmp_path / "run"
     train(TrainConfig(dataset="digits", model="lenet", epochs=1, batch_size=128, noise_multiplier=0.7,
@@ -73,7 +73,7 @@ def test_attack_a_trained_checkpoint(tmp_path):
     assert 0.0 <= result["summary"]["identification_rate"] <= 1.0
     # the trained weights, not a fresh initialisation, were attacked
     trained, _ = load_trained_model(run_dir / "checkpoint.pt")
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     fresh = build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0)
     assert not torch.equal(trained.fc.weight, fresh.fc.weight)

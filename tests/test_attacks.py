@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from adaptive_dp.attacks import (
+from adaptive_dp.attacks.inversion import (
     check_images,
     clipped_per_sample_gradients,
     dlg,
@@ -21,9 +21,9 @@ from adaptive_dp.attacks import (
     release_gradient,
     with_normalization,
 )
-from adaptive_dp.data import load_dataset
-from adaptive_dp.metrics import psnr
-from adaptive_dp.models import build_model
+from adaptive_dp.attacks.metrics import psnr
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.models.cnn import build_model
 
 CLIP = 1.0
 #: DLG L-BFGS iterations and restarts used in the fast tests (the default is 2000 from one start; at σ = 0 on

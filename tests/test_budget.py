@@ -14,8 +14,8 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
-from adaptive_dp.accounting import DEFAULT_ORDERS
-from adaptive_dp.budget import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.accountants.filter import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.accountants.rdp import DEFAULT_ORDERS
 
 DELTA = 1e-5
 
@@ -168,7 +168,7 @@ def test_no_order_ever_exceeds_its_budget(eps, q, steps, seed, extra_noise, chea
 
 def test_exception_is_reachable_from_the_package_and_accounting():
     import adaptive_dp
-    import adaptive_dp.accounting as accounting
+    import adaptive_dp.accountants.rdp as accounting
 
     assert adaptive_dp.PrivacyBudgetExhausted is PrivacyBudgetExhausted
     assert accounting.PrivacyBudgetExhausted is PrivacyBudgetExhausted and accounting.RenyiFilter is RenyiFilter

@@ -11,12 +11,13 @@ from opacus.accountants import RDPAccountant
 from train_helpers import run_cli, tiny_config
 
 import controllers
-from adaptive_dp import leakage, tokens
-from adaptive_dp import training as training_module
-from adaptive_dp.data import load_dataset
-from adaptive_dp.engine import RenyiFilter
-from adaptive_dp.tracking import read_history
-from adaptive_dp.training import load_trained_model, train
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.leakage import monitor as leakage
+from adaptive_dp.leakage import tokens
+from adaptive_dp.privacy_engine import RenyiFilter
+from adaptive_dp.training import loop as training_module
+from adaptive_dp.training.loop import load_trained_model, train
+from adaptive_dp.training.tracking import read_history
 
 DELTA = 1e-5
 pytestmark = pytest.mark.filterwarnings(
@@ -124,7 +125,7 @@ def test_training_set_excludes_the_audit_split(tmp_path):
 
 def test_budget_exhausted_mid_training_stops_cleanly(tmp_path, monkeypatch, capsys):
     """A filter planned for half the run refuses the step after its plan: all outputs, exit 0, the reason."""
-    import adaptive_dp.engine as engine_module
+    import adaptive_dp.privacy_engine as engine_module
 
     class HalfPlan(RenyiFilter):
         def __init__(self, *, planned_steps, **kwargs):

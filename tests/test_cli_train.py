@@ -12,15 +12,15 @@ from opacus.accountants import RDPAccountant
 from PIL import Image
 from train_helpers import run_cli, tiny_config
 
-from adaptive_dp.data import load_dataset
-from adaptive_dp.tracking import read_history, wandb_history
-from adaptive_dp.training import (
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.training.loop import (
     evaluate,
     load_trained_model,
     rng_states,
     set_rng_states,
     train,
 )
+from adaptive_dp.training.tracking import read_history, wandb_history
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress"]
 

@@ -1,4 +1,4 @@
-"""Tests for adaptive_dp.data: real loaders, the other on-disk layouts (tiny fixtures), errors, audit split."""
+"""Tests for adaptive_dp.data.datasets: real loaders, the other on-disk layouts (tiny fixtures), errors, audit split."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptive_dp import data as data_module
-from adaptive_dp.data import (
+from adaptive_dp.data import datasets as data_module
+from adaptive_dp.data.datasets import (
     CIFAR10_CLASSES,
     DATASETS,
     CorruptDataError,

@@ -102,7 +102,7 @@ def _train_one(wrapper: str, mode: str, context) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     from adaptive_dp import distributed as ddp
-    from adaptive_dp.engine import AdaptivePrivacyEngine
+    from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
     rank = context.rank
     torch.manual_seed(1000 + rank)  # different initial weights per rank: the wrapper must broadcast rank 0's
@@ -246,7 +246,7 @@ def test_torchrun_cli_writes_rank_histories(tmp_path, data_root):
     assert summary["distributed"]["world_size"] == 2 and summary["steps"] == len(main)
     assert summary["sample_rate"] == main[0]["sample_rate"]
     assert (out / "checkpoint.pt").is_file()
-    from adaptive_dp.training import load_trained_model
+    from adaptive_dp.training.loop import load_trained_model
 
     model, _ = load_trained_model(out)  # plain module keys: no DPDDP "module." prefix
     assert sum(p.numel() for p in model.parameters()) > 0

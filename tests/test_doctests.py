@@ -12,9 +12,9 @@ MODULES = [
     "controllers.pid",
     "controllers.schedules",
     "controllers.registry",
-    "adaptive_dp.accounting",
-    "adaptive_dp.budget",
-    "adaptive_dp.mine",
+    "adaptive_dp.accountants.rdp",
+    "adaptive_dp.accountants.filter",
+    "adaptive_dp.leakage.mine",
 ]
 
 

@@ -18,9 +18,9 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from adaptive_dp.accounting import IncrementalRDPAccountant
-from adaptive_dp.audit import audit_indices
-from adaptive_dp.engine import AdaptivePrivacyEngine
+from adaptive_dp.accountants.rdp import IncrementalRDPAccountant
+from adaptive_dp.leakage.audit import audit_indices
+from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 from controllers import LinearDecay, PIDController
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budget:UserWarning")
@@ -331,7 +331,7 @@ def test_monitor_fault_gives_sigma_max_on_that_step(fault, caplog):
         return reading
 
     engine.monitor.read = faulty_read
-    with caplog.at_level(logging.WARNING, logger="adaptive_dp.engine"):
+    with caplog.at_level(logging.WARNING, logger="adaptive_dp.privacy_engine"):
         _train(model, optimizer, loader, steps=8)
     sigmas = [r["noise_multiplier"] for r in engine.history]
     assert sigmas[4] == 6.0  # step 5: failed closed

@@ -20,8 +20,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptive_dp.budget import PrivacyBudgetExhausted
-from adaptive_dp.engine import AdaptivePrivacyEngine
+from adaptive_dp.accountants.filter import PrivacyBudgetExhausted
+from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budget:UserWarning")
 

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from adaptive_dp.engine import AdaptivePrivacyEngine
+    from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
     torch.set_num_threads(1)
 

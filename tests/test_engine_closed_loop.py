@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaptive_dp.data import load_dataset
-from adaptive_dp.engine import AdaptivePrivacyEngine
-from adaptive_dp.models import build_model
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.models.cnn import build_model
+from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budget:UserWarning")
 

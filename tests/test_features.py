@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_dp.features import FeatureExtractor, default_feature_layers
-from adaptive_dp.models import build_model
+from adaptive_dp.leakage.features import FeatureExtractor, default_feature_layers
+from adaptive_dp.models.cnn import build_model
 
 
 def _hook_count(model: torch.nn.Module) -> int:

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_dp.attacks import with_normalization
-from adaptive_dp.data import load_dataset
-from adaptive_dp.i2f import (
+from adaptive_dp.attacks.i2f import (
     GradientJacobian,
     I2FReading,
     expected_i2f_lower_bound,
@@ -16,7 +14,9 @@ from adaptive_dp.i2f import (
     i2f_lower_bound,
     lambda_max,
 )
-from adaptive_dp.models import build_model
+from adaptive_dp.attacks.inversion import with_normalization
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.models.cnn import build_model
 
 CLIP = 1.0
 
@@ -43,7 +43,7 @@ def test_products_match_dense_and_finite_differences(setting):
     torch.testing.assert_close(jac.jt(v), dense.T @ v, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(jac.jjt(v), dense @ (dense.T @ v), rtol=1e-8, atol=1e-12)
     # independent truth: Jᵀe_i = ∂g/∂x_i by central differences of the released (clipped) gradient map
-    from adaptive_dp.attacks import clipped_per_sample_gradients
+    from adaptive_dp.attacks.inversion import clipped_per_sample_gradients
 
     h = 1e-5
     interior = ((x.view(-1) > 0.05) & (x.view(-1) < 0.95)).nonzero().view(-1)  # x ± h stays in [0, 1]

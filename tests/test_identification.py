@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptive_dp.attacks import with_normalization
-from adaptive_dp.data import load_dataset
-from adaptive_dp.identification import identification_attack, identification_curve, identify
-from adaptive_dp.models import build_model
+from adaptive_dp.attacks.identification import identification_attack, identification_curve, identify
+from adaptive_dp.attacks.inversion import with_normalization
+from adaptive_dp.data.datasets import load_dataset
+from adaptive_dp.models.cnn import build_model
 
 N = 64
 SIGMAS = [0.0, 3e-3, 0.01, 0.1, 0.3, 1.0, 2.0, 4.0]

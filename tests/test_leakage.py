@@ -14,8 +14,9 @@ from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientCli
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptive_dp.data import audit_split, load_dataset
-from adaptive_dp.leakage import (
+from adaptive_dp.data.datasets import audit_split, load_dataset
+from adaptive_dp.leakage.mine import gaussian_capacity_bound
+from adaptive_dp.leakage.monitor import (
     LeakageMonitor,
     LeakageReading,
     MonitorError,
@@ -23,8 +24,7 @@ from adaptive_dp.leakage import (
     hook_free_copy,
     per_sample_gradients,
 )
-from adaptive_dp.mine import gaussian_capacity_bound
-from adaptive_dp.models import build_model
+from adaptive_dp.models.cnn import build_model
 
 ESTIMATORS = [("likelihood-ratio", "autoencoder"), ("token-mine", "projection"), ("token-mine", "autoencoder"),
               ("token-mine", "span")]

@@ -10,8 +10,9 @@ import statistics
 import pytest
 import torch
 
-from adaptive_dp.data import audit_split, load_dataset
-from adaptive_dp.leakage import (
+from adaptive_dp.data.datasets import audit_split, load_dataset
+from adaptive_dp.leakage.mine import likelihood_ratio_mi, likelihood_ratio_scores
+from adaptive_dp.leakage.monitor import (
     LeakageMonitor,
     LikelihoodRatioEstimator,
     MonitorError,
@@ -21,8 +22,7 @@ from adaptive_dp.leakage import (
     likelihood_ratio_scores_from_gram,
     per_sample_norms,
 )
-from adaptive_dp.mine import likelihood_ratio_mi, likelihood_ratio_scores
-from adaptive_dp.models import build_model
+from adaptive_dp.models.cnn import build_model
 
 
 def _layers(n: int, seed: int) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_dp.mine import (
+from adaptive_dp.leakage.mine import (
     MIEstimate,
     gaussian_capacity_bound,
     likelihood_ratio_mi,

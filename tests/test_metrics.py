@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adaptive_dp.metrics import ReconstructionQuality, evaluate_reconstructions, mse, psnr, ssim
+from adaptive_dp.attacks.metrics import ReconstructionQuality, evaluate_reconstructions, mse, psnr, ssim
 
 
 def _image(shape=(3, 32, 32), seed=0):

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from adaptive_dp.critics import build_critic
-from adaptive_dp.mine import (
+from adaptive_dp.leakage.critics import build_critic
+from adaptive_dp.leakage.mine import (
     MIEstimate,
     MINETrainer,
     dv_lower_bound,

@@ -1,4 +1,4 @@
-"""Tests for adaptive_dp.models: shapes, opacus per-sample gradients, architectures, DLG init, validation."""
+"""Tests for adaptive_dp.models.cnn: shapes, opacus per-sample gradients, architectures, DLG init, validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from opacus import GradSampleModule
 from scipy import stats
 from torch import nn
 
-from adaptive_dp.models import MODELS, DLGLeNet, build_model, validate_model
+from adaptive_dp.models.cnn import MODELS, DLGLeNet, build_model, validate_model
 
 SHAPES = [(1, 8), (1, 28), (3, 32)]  # digits, MNIST, CIFAR-10
 

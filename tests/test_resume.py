@@ -9,9 +9,9 @@ import torch
 from opacus.accountants import RDPAccountant
 from train_helpers import run_cli, tiny_config
 
-from adaptive_dp import training
-from adaptive_dp.tracking import read_history
-from adaptive_dp.training import load_checkpoint, resume, train
+from adaptive_dp.training import loop as training
+from adaptive_dp.training.loop import load_checkpoint, resume, train
+from adaptive_dp.training.tracking import read_history
 
 # a closed loop with a hard budget: controller, monitor, Rényi filter and accountant all carry state
 LOOP = dict(epochs=3, target_mi=0.3, controller="pid", target_epsilon=8.0, monitor_every=4)

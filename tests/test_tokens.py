@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adaptive_dp.tokens import (
+from adaptive_dp.leakage.tokens import (
     TOKEN_ENCODERS,
     ProjectionTokenEncoder,
     SpanTokenEncoder,

@@ -9,8 +9,8 @@ import math
 import pytest
 import wandb
 
-from adaptive_dp.plots import plot_tradeoff
-from adaptive_dp.tracking import (
+from adaptive_dp.training.plots import plot_tradeoff
+from adaptive_dp.training.tracking import (
     Tracker,
     read_history,
     read_wandb_records,
@@ -81,7 +81,7 @@ def test_failing_wandb_log_never_stops_logging(tmp_path, monkeypatch, caplog):
         raise RuntimeError("W&B is down")
 
     monkeypatch.setattr(wandb.Run, "log", broken_log)
-    with caplog.at_level(logging.WARNING, logger="adaptive_dp.tracking"):
+    with caplog.at_level(logging.WARNING, logger="adaptive_dp.training.tracking"):
         with Tracker(tmp_path, config={}, mode="offline") as tracker:
             assert tracker.active
             _log_all(tracker)
@@ -97,7 +97,7 @@ def test_failing_wandb_init_keeps_the_jsonl(tmp_path, monkeypatch, caplog):
         raise OSError("no disk for W&B")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    with caplog.at_level(logging.WARNING, logger="adaptive_dp.tracking"):
+    with caplog.at_level(logging.WARNING, logger="adaptive_dp.training.tracking"):
         with Tracker(tmp_path, config={}, mode="offline") as tracker:
             assert not tracker.active and tracker.wandb_file is None
             _log_all(tracker)

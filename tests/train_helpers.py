@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from adaptive_dp.commands import train as train_command
-from adaptive_dp.training import TrainConfig
+from adaptive_dp.cli import train as train_command
+from adaptive_dp.training.loop import TrainConfig
 
 
 def run_cli(argv: list[str]) -> int:

@@ -68,9 +68,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """(plain model taking [0, 1] images, DatasetInfo, config dict) from the checkpoint or an initialisation."""
-    from adaptive_dp.data import load_dataset
-    from adaptive_dp.models import build_model
-    from adaptive_dp.training import load_trained_model, resolve_device
+    from adaptive_dp.data.datasets import load_dataset
+    from adaptive_dp.models.cnn import build_model
+    from adaptive_dp.training.loop import load_trained_model, resolve_device
 
     device = resolve_device(args.device)
     run_config: dict = {}
@@ -122,8 +122,8 @@ def _finite(value):
 def _reconstruct(model, x, y, config, *, index, seed, progress):
     import torch
 
-    from adaptive_dp import attacks
-    from adaptive_dp.metrics import evaluate_reconstructions
+    from adaptive_dp.attacks import inversion as attacks
+    from adaptive_dp.attacks.metrics import evaluate_reconstructions
 
     sigma, clip, method = config["noise_multiplier"], config["max_grad_norm"], config["method"]
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -143,7 +143,7 @@ def _reconstruct(model, x, y, config, *, index, seed, progress):
 
 
 def _i2f(model, x, y, config):
-    from adaptive_dp.i2f import expected_i2f_lower_bound
+    from adaptive_dp.attacks.i2f import expected_i2f_lower_bound
 
     reading = expected_i2f_lower_bound(model, x, y, noise_multiplier=config["noise_multiplier"],
                                        max_grad_norm=config["max_grad_norm"], probes=4, seed=config["seed"])
@@ -184,8 +184,8 @@ def attack(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from adaptive_dp.attacks import with_normalization
-    from adaptive_dp.identification import identify
+    from adaptive_dp.attacks.identification import identify
+    from adaptive_dp.attacks.inversion import with_normalization
 
     _check_args(args)
     raw_model, dataset, config = _load(args)
@@ -202,7 +202,7 @@ def attack(args: argparse.Namespace) -> dict:
     originals, _ = _images(dataset, order[: args.n_images], device)
     summary: dict = {}
     if args.method == "identify":
-        from adaptive_dp.attacks import clipped_per_sample_gradients
+        from adaptive_dp.attacks.inversion import clipped_per_sample_gradients
 
         cand_x, cand_y = _images(dataset, order, device)
         clean = clipped_per_sample_gradients(model, cand_x, cand_y, max_grad_norm=config["max_grad_norm"])

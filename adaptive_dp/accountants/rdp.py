@@ -13,7 +13,7 @@ Opacus' default accountant is PRV (tighter, but it recomputes the full compositi
 and charging each group at its smallest σ, so the figure is an upper bound of the exact PRV figure.
 
 ``get_epsilon(δ)`` composes the σ history that was used (an *odometer* reading). With σ chosen adaptively
-from earlier outputs, the formal guarantee comes from the Rényi filter in :mod:`adaptive_dp.budget`, not from
+from earlier outputs, the formal guarantee comes from the Rényi filter in :mod:`adaptive_dp.accountants.filter`, not from
 this sum (see that module and DESIGN.md "Why the accounting stays sound").
 """
 
@@ -287,7 +287,7 @@ class IncrementalRDPAccountant(IAccountant):
     same history to ≤ 1e-9 relative (measured ≈ 1e-14).
 
     ``get_epsilon(δ)`` is the composition of the σ history that was used: with σ chosen adaptively it is an
-    odometer reading; the guarantee for adaptive σ comes from :class:`adaptive_dp.budget.RenyiFilter`.
+    odometer reading; the guarantee for adaptive σ comes from :class:`adaptive_dp.accountants.filter.RenyiFilter`.
 
     Source: Mironov 2017 (RDP composition: RDP adds up over steps at each order); Mironov, Talwar, Zhang 2019
     (RDP of the sampled Gaussian); Balle et al. 2020 Thm 21 (RDP → (ε, δ), as in opacus).
@@ -531,10 +531,10 @@ def prv_epsilon(
 
 
 def __getattr__(name: str) -> Any:
-    # The filter lives in adaptive_dp.budget (which imports this module); re-exported here lazily because
+    # The filter lives in adaptive_dp.accountants.filter (which imports this module); re-exported here lazily because
     # ``adaptive_dp.PrivacyBudgetExhausted`` is looked up in this module.
     if name in ("PrivacyBudgetExhausted", "RenyiFilter"):
-        from adaptive_dp import budget
+        from adaptive_dp.accountants import filter as budget_filter
 
-        return getattr(budget, name)
+        return getattr(budget_filter, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,7 @@ def default_feature_layers(model: nn.Module, example: Tensor, *, max_layers: int
     feature-map shape [C, H, W] (a stage), the last module producing it is kept (the stage's output after
     its activation; pooling layers and 1×1 maps are skipped), the last ``max_layers - 1`` stages are used, and the module whose output feeds the last
     ``nn.Linear`` (the penultimate representation) is added when it is a named module. For the project's
-    models (``adaptive_dp.models``): the activations after each conv block of ``small-cnn``/``tanh-cnn``,
+    models (``adaptive_dp.models.cnn``): the activations after each conv block of ``small-cnn``/``tanh-cnn``,
     the three stages of ``resnet20``, and the last hidden layer of the classifier.
 
     Args:

@@ -117,7 +117,7 @@ def carve_audit_split(
     """
     if not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"audit_fraction must be in (0, 1), got {fraction!r}; use 0/None to turn the monitor off")
-    from adaptive_dp.data import audit_split
+    from adaptive_dp.data.datasets import audit_split
 
     train_subset, audit_subset = audit_split(data_loader.dataset, fraction=float(fraction), seed=seed)
     if len(audit_subset) < 2:

@@ -31,7 +31,13 @@ from scipy.sparse.linalg import LinearOperator, cg, eigsh
 from torch import Tensor, nn
 from torch.func import jacfwd, vjp
 
-from adaptive_dp.attacks import _as_targets, _check_sigma, _num_classes, check_images, gradient_function
+from adaptive_dp.attacks.inversion import (
+    _as_targets,
+    _check_sigma,
+    _num_classes,
+    check_images,
+    gradient_function,
+)
 
 __all__ = [
     "GradientJacobian",

@@ -38,10 +38,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
-import adaptive_dp.accounting  # noqa: F401  (registers the "rdp_incremental" accountant with opacus)
+import adaptive_dp.accountants.rdp  # noqa: F401  (registers the "rdp_incremental" accountant with opacus)
 from adaptive_dp import distributed as ddp
-from adaptive_dp.audit import as_audit_dataset, carve_audit_split
-from adaptive_dp.budget import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.accountants.filter import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.leakage.audit import as_audit_dataset, carve_audit_split
 
 __all__ = ["AdaptivePrivacyEngine", "PrivacyBudgetExhausted", "DEFAULT_MONITOR_EVERY"]
 
@@ -374,7 +374,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         # a hook-free copy, so no collective is entered on one rank alone); σ is broadcast from rank 0.
         self.monitor = None
         if audit is not None and self._rank == 0:
-            from adaptive_dp.leakage import LeakageMonitor
+            from adaptive_dp.leakage.monitor import LeakageMonitor
 
             options = {"loss_fn": criterion, **(monitor_options or {})}
             watched = private_module
@@ -703,7 +703,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         self.history = [dict(r) for r in state["history"]]
         pending = state.get("pending")
         if isinstance(pending, tuple) and pending and pending[0] == "reading":
-            from adaptive_dp.leakage import LeakageReading
+            from adaptive_dp.leakage.monitor import LeakageReading
 
             pending = LeakageReading(**pending[1])
         self._pending = pending

@@ -7,13 +7,13 @@ audit example it was and that noisy gradient. Two estimators, by name (``ESTIMAT
 
 - ``"likelihood-ratio"`` — model-aware and training-free: the optimal critic for the Gaussian mechanism,
   T(x_j, g̃_i) = −‖g̃_i − g_j‖²/(2σ²C²), over all N×N audit pairs with InfoNCE
-  (:func:`adaptive_dp.mine.likelihood_ratio_mi`); capped at log N. Computed from the N×N Gram matrix of the
+  (:func:`adaptive_dp.leakage.mine.likelihood_ratio_mi`); capped at log N. Computed from the N×N Gram matrix of the
   centred clipped audit gradients, with the noise's projections onto them drawn from their exact Gaussian law
   (:class:`LikelihoodRatioEstimator`): the same estimate as explicit noisy gradients, without N·P noise draws.
 - ``"token-mine"`` — the learned privacy-token estimator (Meng et al. 2025, arXiv 2502.02913) made
   model-aware: a critic compares the privacy token of the noisy gradient with the token of each
   candidate's own clean gradient (a learned, noise-normalised distance) beside the candidate's
-  intermediate-layer data features (:class:`adaptive_dp.features.FeatureExtractor`); InfoNCE-trained,
+  intermediate-layer data features (:class:`adaptive_dp.leakage.features.FeatureExtractor`); InfoNCE-trained,
   warm-started across readings from a small replay buffer of recent audit draws, and reported on a fresh
   noise draw it never trained on (held-out pairs).
 
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from adaptive_dp.features import FeatureExtractor
-from adaptive_dp.mine import MIEstimate, mine_loss
-from adaptive_dp.tokens import TOKEN_ENCODERS, TokenEncoder, build_token_encoder
+from adaptive_dp.leakage.features import FeatureExtractor
+from adaptive_dp.leakage.mine import MIEstimate, mine_loss
+from adaptive_dp.leakage.tokens import TOKEN_ENCODERS, TokenEncoder, build_token_encoder
 
 __all__ = [
     "ESTIMATORS",
@@ -312,7 +312,7 @@ def likelihood_ratio_scores_from_gram(gram: Tensor, cross: Tensor, *, noise_std:
         noise_std: s = σ·C, > 0.
 
     Returns:
-        [N, N] (or [D, N, N]) scores in ``cross``'s dtype, equal to :func:`adaptive_dp.mine.likelihood_ratio_scores` of
+        [N, N] (or [D, N, N]) scores in ``cross``'s dtype, equal to :func:`adaptive_dp.leakage.mine.likelihood_ratio_scores` of
         (g + n, g) minus a constant per row.
     """
     gram = gram.to(cross.dtype)
@@ -357,7 +357,7 @@ class LikelihoodRatioEstimator:
     One reading needs only the centred Gram matrix K of the clipped audit gradients: the noise enters the
     N×N scores through its projections onto the audit gradients, drawn exactly from their Gaussian law
     (:func:`gaussian_cross_products`), and the scores are :func:`likelihood_ratio_scores_from_gram` — for one
-    draw the same InfoNCE estimate and MI gap as :func:`adaptive_dp.mine.likelihood_ratio_mi` on explicit
+    draw the same InfoNCE estimate and MI gap as :func:`adaptive_dp.leakage.mine.likelihood_ratio_mi` on explicit
     noisy gradients, at O(N²P) for K plus O(N³) instead of drawing N·P noise values. Because a draw is that
     cheap, a reading averages ``noise_draws`` independent draws: the same expectation, I(J; g_J + noise) for
     J uniform over the audit examples, with the noise-draw variance divided by ``noise_draws``.
@@ -365,7 +365,7 @@ class LikelihoodRatioEstimator:
     Args:
         noise_draws: noise draws averaged per reading; None (default) = ⌈4096 / N⌉ (``LR_NOISE_TERMS``).
 
-    Source: :func:`adaptive_dp.mine.likelihood_ratio_mi` (InfoNCE with the log-likelihood-ratio critic).
+    Source: :func:`adaptive_dp.leakage.mine.likelihood_ratio_mi` (InfoNCE with the log-likelihood-ratio critic).
     """
 
     name = "likelihood-ratio"
@@ -511,7 +511,7 @@ class TokenMINEEstimator:
        LLᵀ = :meth:`TokenEncoder.noise_covariance` — the exact distribution, fresh every update, so the
        critic cannot memorise noise; a trainable encoder takes ``encoder_steps`` denoising steps, the critic
        ``critic_steps`` steps on replayed pairs (objective ``"infonce"``, or ``"mine"``: the DV bound with
-       MINE's moving-average (EMA) gradient correction, :func:`adaptive_dp.mine.mine_loss`);
+       MINE's moving-average (EMA) gradient correction, :func:`adaptive_dp.leakage.mine.mine_loss`);
     3. the temperature τ is calibrated on fresh training draws;
     4. the reported MI is InfoNCE over the N×N scores of one fresh draw of the *real* noisy gradients, never
        trained on (held-out pairs), in nats, capped at log N — comparable with the likelihood-ratio reading.

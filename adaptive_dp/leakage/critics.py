@@ -1,4 +1,4 @@
-"""Critic (statistics) networks T(x, z) for the variational MI bounds in :mod:`adaptive_dp.mine`.
+"""Critic (statistics) networks T(x, z) for the variational MI bounds in :mod:`adaptive_dp.leakage.mine`.
 
 Every critic offers two views of the same function:
 

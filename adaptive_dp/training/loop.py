@@ -5,7 +5,7 @@ step (σ used, ε odometer at δ, loss, and the leakage fields the adaptive engi
 accuracy after every epoch, and writes ``history.jsonl``, ``summary.json``, ``tradeoff.png``,
 ``checkpoint.pt`` and a W&B run (offline by default) into the output folder.
 
-The privacy engine is built in one place, :func:`make_engine`: :class:`adaptive_dp.engine.AdaptivePrivacyEngine`
+The privacy engine is built in one place, :func:`make_engine`: :class:`adaptive_dp.privacy_engine.AdaptivePrivacyEngine`
 with the incremental RDP accountant (the same ε as opacus' RDP accountant, O(#orders) per step). By default an
 audit split (2 % of the training set, carved off *before* the private loader is built and never trained on) feeds
 the leakage monitor, so MI (nats) is logged every ``monitor_every`` steps; ``target_mi`` + ``controller`` close the
@@ -47,7 +47,7 @@ CHECKPOINT_FORMAT = "adaptive_dp.checkpoint/1"
 ADAPTIVE_FIELDS = ("mi", "mi_gap", "sigma_floor", "controller_error")
 #: leakage estimators ``--estimator`` accepts (``adaptive_dp.leakage.ESTIMATORS``).
 ESTIMATORS = ("likelihood-ratio", "token-mine")
-#: privacy-token encoders ``--token-encoder`` accepts (``adaptive_dp.tokens.TOKEN_ENCODERS``).
+#: privacy-token encoders ``--token-encoder`` accepts (``adaptive_dp.leakage.tokens.TOKEN_ENCODERS``).
 TOKEN_ENCODERS = ("span", "projection", "autoencoder", "transformer")
 #: controllers ``--controller`` accepts (``controllers.CONTROLLERS``): feedback controllers, then schedules.
 FEEDBACK_CONTROLLERS = ("pid", "threshold")
@@ -264,7 +264,7 @@ def make_engine(config: TrainConfig):
     """The privacy engine for ``config``: ``AdaptivePrivacyEngine(accountant="rdp")`` — the incremental RDP
     accountant (same ε as opacus' ``RDPAccountant`` on the same σ history, O(#orders) per step, so the
     odometer after every step is cheap)."""
-    from adaptive_dp.engine import AdaptivePrivacyEngine
+    from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
 
     return AdaptivePrivacyEngine(accountant="rdp")
 
@@ -540,7 +540,7 @@ def load_trained_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[
     """
     import torch
 
-    from adaptive_dp.models import build_model
+    from adaptive_dp.models.cnn import build_model
 
     state = load_checkpoint(path, map_location=map_location)
     config = dict(state["config"])
@@ -645,10 +645,10 @@ def _train(config: TrainConfig, *, device, progress: bool, t_start: float, conte
     from tqdm.auto import tqdm
 
     from adaptive_dp import distributed as ddp
-    from adaptive_dp.budget import PrivacyBudgetExhausted
-    from adaptive_dp.data import audit_split, load_dataset
-    from adaptive_dp.models import build_model
-    from adaptive_dp.tracking import Tracker
+    from adaptive_dp.accountants.filter import PrivacyBudgetExhausted
+    from adaptive_dp.data.datasets import audit_split, load_dataset
+    from adaptive_dp.models.cnn import build_model
+    from adaptive_dp.training.tracking import Tracker
 
     rank = context.rank if context is not None else 0
 
@@ -817,7 +817,7 @@ def restore_run(state: Mapping[str, Any], *, out: Path, model, optimizer, engine
     Raises:
         ValueError: if the checkpoint is of a finished run, or has no resume state (an older format).
     """
-    from adaptive_dp.tracking import read_history
+    from adaptive_dp.training.tracking import read_history
 
     _check_resumable(state)
     unwrap_model(model).load_state_dict(state["model_state_dict"])
@@ -920,7 +920,7 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
 def _write_figure_and_checkpoint(config: TrainConfig, *, tracker, engine, model, optimizer, info, history,
                                  epoch_records, outputs, extra) -> None:
     """``tradeoff.png`` (its path set to None in ``outputs`` if drawing fails) and ``checkpoint.pt``."""
-    from adaptive_dp.plots import plot_tradeoff
+    from adaptive_dp.training.plots import plot_tradeoff
 
     try:
         plot_tradeoff(history, epoch_records, outputs["tradeoff"], delta=config.delta, target_mi=config.target_mi,

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
 
-from adaptive_dp.accounting import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
+from adaptive_dp.accountants.rdp import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
 
 __all__ = ["PrivacyBudgetExhausted", "RenyiFilter"]
 

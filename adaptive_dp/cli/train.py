@@ -20,7 +20,7 @@ import warnings
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``adaptive-dp train`` to ``parser``."""
     # stdlib-only at import time: --help stays fast
-    from adaptive_dp.training import CONTROLLER_NAMES, ESTIMATORS, TOKEN_ENCODERS, TrainConfig
+    from adaptive_dp.training.loop import CONTROLLER_NAMES, ESTIMATORS, TOKEN_ENCODERS, TrainConfig
 
     d = vars(TrainConfig())
     data = parser.add_argument_group("data and model")
@@ -104,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
     """The :class:`adaptive_dp.training.TrainConfig` for parsed command-line ``args``."""
     import dataclasses
 
-    from adaptive_dp.training import TrainConfig
+    from adaptive_dp.training.loop import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -119,14 +119,14 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: dict) -> list[s
 
 def run(args: argparse.Namespace) -> int:
     """Train; print where the results went. Returns 0, or 2 with one error line for bad input."""
-    from adaptive_dp.training import train
+    from adaptive_dp.training.loop import train
 
     # opacus' per-sample-gradient hooks trip this torch warning on the first layer (inputs need no gradient);
     # it is harmless and would otherwise interrupt the progress bar.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
         if getattr(args, "resume", None):
-            from adaptive_dp.training import resume
+            from adaptive_dp.training.loop import resume
 
             parser = argparse.ArgumentParser()
             configure(parser)

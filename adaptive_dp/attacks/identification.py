@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from adaptive_dp.attacks import _check_sigma, clipped_per_sample_gradients
+from adaptive_dp.attacks.inversion import _check_sigma, clipped_per_sample_gradients
 
 __all__ = ["IdentificationResult", "identification_attack", "identification_curve", "identify"]
 
@@ -59,7 +59,7 @@ def identify(released: Tensor, candidate_gradients: Tensor) -> Tensor:
         ValueError: if the parameter dimensions differ or a tensor has the wrong rank.
 
     Source: Gaussian log likelihood −‖g̃ − g_j‖²/(2σ²C²) (the critic of
-    :func:`adaptive_dp.mine.likelihood_ratio_scores`); argmax over j = nearest neighbour.
+    :func:`adaptive_dp.leakage.mine.likelihood_ratio_scores`); argmax over j = nearest neighbour.
     """
     if released.dim() == 1:
         released = released.unsqueeze(0)

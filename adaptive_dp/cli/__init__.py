@@ -1,4 +1,4 @@
-"""The ``adaptive-dp`` console script: a thin dispatcher over :mod:`adaptive_dp.commands`.
+"""The ``adaptive-dp`` console script: a thin dispatcher over the command modules in this package.
 
 ``adaptive-dp train ...`` trains with DP-SGD on real data and tracks ε, σ and MI;
 ``adaptive-dp attack ...`` runs gradient-inversion / identification attacks. ``adaptive-dp CMD --help``
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
-#: command name -> (module under adaptive_dp.commands, one-line help)
+#: command name -> (module of this package, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("adaptive_dp.commands.train", "train a model with (adaptive) DP-SGD and track ε, σ, MI"),
-    "attack": ("adaptive_dp.commands.attack", "attack the gradients DP-SGD releases (DLG, iDLG, IG, identification)"),
+    "train": ("adaptive_dp.cli.train", "train a model with (adaptive) DP-SGD and track ε, σ, MI"),
+    "attack": ("adaptive_dp.cli.attack", "attack the gradients DP-SGD releases (DLG, iDLG, IG, identification)"),
 }
 
 
@@ -44,6 +43,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return int(args._run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ Attacks:
   gradients, box constraint [0, 1], learning rate decayed ×0.1 at 3/8, 5/8 and 7/8 of the iterations,
   restarts keeping the best match.
 
-The identification (linkage) attack lives in :mod:`adaptive_dp.identification`.
+The identification (linkage) attack lives in :mod:`adaptive_dp.attacks.identification`.
 """
 
 from __future__ import annotations
