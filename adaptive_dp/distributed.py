@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 __all__ = [
     "DEFAULT_TIMEOUT_S", "DistributedContext", "DistributedError", "RankTracker", "all_gather_object",
     "barrier", "broadcast_object", "collective_errors", "distributed_poisson_loader", "exit_after_failure", "get_rank",
-    "get_world_size", "init_distributed", "is_distributed", "is_main_process", "launched_by_torchrun",
+    "get_world_size", "init_distributed", "is_distributed", "launched_by_torchrun",
     "rank_history_path", "shutdown", "unwrap_distributed", "wrap_model",
 ]
 
@@ -106,11 +106,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """Whether this is rank 0 (True without a process group)."""
-    return get_rank() == 0
 
 
 def _check_timeout(timeout_s: float) -> float:

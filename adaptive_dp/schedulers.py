@@ -3,7 +3,7 @@
 For plain ``opacus.PrivacyEngine`` users: like ``opacus.schedulers.ExponentialNoise``, each scheduler wraps a
 ``DPOptimizer`` and, on every :meth:`step`, sets ``optimizer.noise_multiplier`` to the schedule's σ_t with
 t = the number of ``step()`` calls so far (the constructor makes the first call, so the optimizer starts
-at σ₀).
+at σ₀, by default the optimizer's own ``noise_multiplier``).
 Call ``scheduler.step()`` once per optimizer step (for a per-step schedule) or once per epoch (then
 ``total_steps`` counts epochs), as with opacus' own schedulers. The accountant books whatever
 ``noise_multiplier`` the optimizer holds at each step, so the ε reported stays the composition of the σ used.
@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from opacus.optimizers import DPOptimizer
-from opacus.schedulers.noise_scheduler import _NoiseScheduler
+from opacus.schedulers import _NoiseScheduler  # opacus' exported base class of its noise schedulers
 
-from controllers.base import Schedule
-from controllers.schedules import CyclicDecay, ExponentialDecay, LinearDecay, StaircaseDecay
+from controllers import CyclicDecay, ExponentialDecay, LinearDecay, Schedule, StaircaseDecay
+from controllers.base import renamed_keyword
 
 __all__ = [
     "CyclicDecayNoise",
@@ -31,7 +31,7 @@ __all__ = [
 
 
 class ScheduleNoise(_NoiseScheduler):
-    """Drive ``optimizer.noise_multiplier`` with any :class:`controllers.base.Schedule`.
+    """Drive ``optimizer.noise_multiplier`` with any :class:`controllers.Schedule`.
 
     Args:
         optimizer: an opacus ``DPOptimizer`` (anything with a ``noise_multiplier`` attribute).
@@ -40,7 +40,7 @@ class ScheduleNoise(_NoiseScheduler):
 
     Raises:
         ValueError: if ``optimizer`` has no ``noise_multiplier`` (opacus' message) or ``schedule`` is not a
-            :class:`controllers.base.Schedule`.
+            :class:`controllers.Schedule`.
     """
 
     def __init__(self, optimizer: DPOptimizer, schedule: Schedule, *, last_epoch: int = -1) -> None:
@@ -74,15 +74,32 @@ class ScheduleNoise(_NoiseScheduler):
         self.last_epoch = last_epoch
 
 
-def _schedule_args(optimizer: DPOptimizer, sigma_start: float | None) -> float:
-    if sigma_start is not None:
-        return sigma_start
-    if not hasattr(optimizer, "noise_multiplier"):
-        raise ValueError(
-            "NoiseSchedulers require your optimizer to have a .noise_multiplier attr; wrap it with "
-            "opacus (PrivacyEngine.make_private) first"
-        )
-    return float(optimizer.noise_multiplier)
+def _schedule(
+    kind: type[Schedule],
+    optimizer: DPOptimizer,
+    *,
+    noise_multiplier: float | None,
+    sigma_start: float | None,
+    **settings: Any,
+) -> Schedule:
+    """The ``kind`` schedule starting at ``noise_multiplier`` (default: the optimizer's current one)."""
+    start = renamed_keyword(
+        f"{kind.__name__}Noise",
+        new="noise_multiplier",
+        value=noise_multiplier,
+        old="sigma_start",
+        old_value=sigma_start,
+        required=False,
+        internal=(__file__,),
+    )
+    if start is None:
+        if not hasattr(optimizer, "noise_multiplier"):
+            raise ValueError(
+                "NoiseSchedulers require your optimizer to have a .noise_multiplier attr; wrap it with "
+                "opacus (PrivacyEngine.make_private) first"
+            )
+        start = float(optimizer.noise_multiplier)
+    return kind(noise_multiplier=start, **settings)
 
 
 class LinearDecayNoise(ScheduleNoise):
@@ -92,11 +109,13 @@ class LinearDecayNoise(ScheduleNoise):
         optimizer: an opacus ``DPOptimizer``.
         sigma_end: σ_T (> 0).
         total_steps: T, in ``step()`` calls (≥ 1).
-        sigma_start: σ₀; default: the optimizer's current ``noise_multiplier``.
+        noise_multiplier: σ₀; default: the optimizer's current ``noise_multiplier``.
         last_epoch: as in opacus (−1 = fresh).
+        sigma_start: deprecated name of ``noise_multiplier`` (DeprecationWarning; removed in the next release).
 
     Raises:
         ValueError: naming the argument (see :class:`controllers.LinearDecay`).
+        TypeError: if σ₀ is given under both names.
     """
 
     def __init__(
@@ -105,11 +124,18 @@ class LinearDecayNoise(ScheduleNoise):
         *,
         sigma_end: float,
         total_steps: int,
-        sigma_start: float | None = None,
+        noise_multiplier: float | None = None,
         last_epoch: int = -1,
+        sigma_start: float | None = None,
     ) -> None:
-        start = _schedule_args(optimizer, sigma_start)
-        schedule = LinearDecay(sigma_start=start, sigma_end=sigma_end, total_steps=total_steps)
+        schedule = _schedule(
+            LinearDecay,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            sigma_start=sigma_start,
+            sigma_end=sigma_end,
+            total_steps=total_steps,
+        )
         super().__init__(optimizer, schedule, last_epoch=last_epoch)
 
 
@@ -126,11 +152,18 @@ class ExponentialDecayNoise(ScheduleNoise):
         *,
         sigma_end: float,
         total_steps: int,
-        sigma_start: float | None = None,
+        noise_multiplier: float | None = None,
         last_epoch: int = -1,
+        sigma_start: float | None = None,
     ) -> None:
-        start = _schedule_args(optimizer, sigma_start)
-        schedule = ExponentialDecay(sigma_start=start, sigma_end=sigma_end, total_steps=total_steps)
+        schedule = _schedule(
+            ExponentialDecay,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            sigma_start=sigma_start,
+            sigma_end=sigma_end,
+            total_steps=total_steps,
+        )
         super().__init__(optimizer, schedule, last_epoch=last_epoch)
 
 
@@ -146,11 +179,18 @@ class CyclicDecayNoise(ScheduleNoise):
         *,
         sigma_end: float,
         total_steps: int,
-        sigma_start: float | None = None,
+        noise_multiplier: float | None = None,
         last_epoch: int = -1,
+        sigma_start: float | None = None,
     ) -> None:
-        start = _schedule_args(optimizer, sigma_start)
-        schedule = CyclicDecay(sigma_start=start, sigma_end=sigma_end, total_steps=total_steps)
+        schedule = _schedule(
+            CyclicDecay,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            sigma_start=sigma_start,
+            sigma_end=sigma_end,
+            total_steps=total_steps,
+        )
         super().__init__(optimizer, schedule, last_epoch=last_epoch)
 
 
@@ -162,6 +202,7 @@ class StaircaseDecayNoise(ScheduleNoise):
 
     Raises:
         ValueError: naming the argument (see :class:`controllers.StaircaseDecay`).
+        TypeError: if σ₀ is given under both names.
     """
 
     def __init__(
@@ -171,11 +212,17 @@ class StaircaseDecayNoise(ScheduleNoise):
         sigma_end: float,
         total_steps: int,
         step_size: int | None = None,
-        sigma_start: float | None = None,
+        noise_multiplier: float | None = None,
         last_epoch: int = -1,
+        sigma_start: float | None = None,
     ) -> None:
-        start = _schedule_args(optimizer, sigma_start)
-        schedule = StaircaseDecay(
-            sigma_start=start, sigma_end=sigma_end, total_steps=total_steps, step_size=step_size
+        schedule = _schedule(
+            StaircaseDecay,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            sigma_start=sigma_start,
+            sigma_end=sigma_end,
+            total_steps=total_steps,
+            step_size=step_size,
         )
         super().__init__(optimizer, schedule, last_epoch=last_epoch)

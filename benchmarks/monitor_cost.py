@@ -198,7 +198,7 @@ def _curve(model, audit, *, sigmas, seed: int) -> list[dict[str, Any]]:
         floor = next((s for s, r in zip(sigmas, readings) if r.mi < FLOOR), None)
         rows.append({"estimator": _label(estimator, encoder), "n": readings[0].n, "cap": readings[0].cap,
                      "mi": [r.mi for r in readings], "stderr": [r.stderr for r in readings],
-                     "mi_gap": [r.mi_gap for r in readings], "floor_sigma": floor})
+                     "critic_gap": [r.critic_gap for r in readings], "floor_sigma": floor})
     return rows
 
 

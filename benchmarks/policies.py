@@ -156,7 +156,7 @@ def schedule_sigmas(name: str, *, sigma_start: float, total_steps: int) -> np.nd
     from controllers import build_controller
 
     sched = build_controller(name, target_mi=None, sigma_min=sigma_start * END_RATIO * 0.999,
-                             sigma_max=sigma_start * 1.001, initial=sigma_start, total_steps=total_steps,
+                             sigma_max=sigma_start * 1.001, noise_multiplier=sigma_start, total_steps=total_steps,
                              sigma_end=sigma_start * END_RATIO)
     return np.array([sched.update(None, t) for t in range(total_steps)])
 
@@ -395,7 +395,7 @@ def _schedule_instance(name: str, *, sigma_start: float, total_steps: int):
     from controllers import build_controller
 
     return build_controller(name, target_mi=None, sigma_min=sigma_start * END_RATIO * 0.999,
-                            sigma_max=sigma_start * 1.001, initial=sigma_start, total_steps=total_steps,
+                            sigma_max=sigma_start * 1.001, noise_multiplier=sigma_start, total_steps=total_steps,
                             sigma_end=sigma_start * END_RATIO)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from controllers.base import FeedbackController, check_positive
+from controllers.base import MICurve, check_nonnegative, check_positive, check_unit_interval
+from controllers.feedback import FeedbackController
+from controllers.registry import register_controller
 
 __all__ = ["PIDController"]
 
 
+@register_controller("pid", feedback=True)
 class PIDController(FeedbackController):
     """PID controller on log σ: more measured leakage than the setpoint → more noise.
 
@@ -18,12 +21,12 @@ class PIDController(FeedbackController):
 
         I  ← I + ki·e                                          (integral, per reading)
         D  ← α·D + (1 − α)·clip((m − m_prev)/target, ±error_clip)  (derivative on the measurement, low-pass α)
-        u  = log(initial) + kp·e + I + kd·D                    (the law, in log σ)
+        u  = log(σ₀) + kp·e + I + kd·D                          (the law, in log σ)
         log σ ← clip(u, log σ_prev ± log(max_step_factor), [log sigma_min, log sigma_max])
 
     Design choices:
-      * log σ because leakage changes over decades of σ (for the Gaussian mechanism MI ≲ 1/(2σ²) nats,
-        DESIGN.md): equal relative steps give a loop gain that hardly depends on where σ is.
+      * log σ because leakage changes over decades of σ (the capacity bound of the clipped Gaussian mechanism
+        is MI ≤ 1/(2σ²) nats): equal relative steps give a loop gain that hardly depends on where σ is.
       * the error is divided by ``target`` so the same gains work for any ceiling (0.05 or 3 nats): near the
         setpoint, relative error ≈ change of log MI, and log MI falls with slope b ≈ 1.5–3 in log σ.
       * the error is clipped (−1 … ``error_clip``) so one wild reading (a huge or negative MI estimate)
@@ -60,7 +63,8 @@ class PIDController(FeedbackController):
     Args:
         target: leakage ceiling, nats (> 0).
         sigma_min, sigma_max: bounds of the controller's own σ (0 < sigma_min ≤ sigma_max).
-        initial: σ before the first reading, in the bounds; also the reference point of the law.
+        noise_multiplier: σ₀, the σ before the first reading, in the bounds; also the reference point of the law.
+        initial: deprecated name of ``noise_multiplier`` (DeprecationWarning).
         margin: setpoint = (1 − margin)·target; 0 ≤ margin < 1.
         kp, ki, kd: proportional, integral and derivative gains (per reading, on log σ per unit relative
             error); ≥ 0.
@@ -70,9 +74,10 @@ class PIDController(FeedbackController):
 
     Raises:
         ValueError: naming the argument, for any value outside the ranges above.
+        TypeError: if ``noise_multiplier`` is missing, or given under both names.
 
     Example:
-        >>> c = PIDController(0.5, sigma_min=0.3, sigma_max=10.0, initial=1.0)
+        >>> c = PIDController(0.5, sigma_min=0.3, sigma_max=10.0, noise_multiplier=1.0)
         >>> [round(c.update(mi, t), 3) for t, mi in enumerate([0.9, 0.7, 0.5, 0.4, 0.3])]
         [1.284, 1.405, 1.426, 1.416, 1.348]
         >>> c.update(1.0, 5, sigma_floor=2.0)   # a budget floor above the law's σ wins
@@ -82,15 +87,13 @@ class PIDController(FeedbackController):
     (Åström & Hägglund, "Advanced PID Control", 2006, §3.5 and §3.3).
     """
 
-    registry_name = "pid"
-
     def __init__(
         self,
         target: float,
         *,
         sigma_min: float,
         sigma_max: float,
-        initial: float,
+        noise_multiplier: float | None = None,
         margin: float = 0.2,
         kp: float = 0.05,
         ki: float = 0.2,
@@ -98,17 +101,24 @@ class PIDController(FeedbackController):
         derivative_filter: float = 0.5,
         max_step_factor: float = 1.5,
         error_clip: float = 3.0,
+        initial: float | None = None,
     ) -> None:
-        self._margin = _check_unit_interval("margin", margin)
-        self._kp = _check_nonnegative("kp", kp)
-        self._ki = _check_nonnegative("ki", ki)
-        self._kd = _check_nonnegative("kd", kd)
-        self._alpha = _check_unit_interval("derivative_filter", derivative_filter)
+        self._margin = check_unit_interval("margin", margin)
+        self._kp = check_nonnegative("kp", kp)
+        self._ki = check_nonnegative("ki", ki)
+        self._kd = check_nonnegative("kd", kd)
+        self._alpha = check_unit_interval("derivative_filter", derivative_filter)
         self._max_step_factor = check_positive("max_step_factor", max_step_factor)
         if self._max_step_factor <= 1:
             raise ValueError(f"max_step_factor must be > 1, got {max_step_factor!r}")
         self._error_clip = check_positive("error_clip", error_clip)
-        super().__init__(target, sigma_min=sigma_min, sigma_max=sigma_max, initial=initial)
+        super().__init__(
+            target,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            noise_multiplier=noise_multiplier,
+            initial=initial,
+        )
 
     @property
     def setpoint(self) -> float:
@@ -146,16 +156,46 @@ class PIDController(FeedbackController):
         self._derivative = float(state["derivative"])
         self._previous = None if state["previous"] is None else float(state["previous"])
 
-    def _law(self, measurement: float, step: int, *, applied: float, overridden: bool) -> float:
+    def track(self, sigma: float, *, measurement: float) -> None:
+        """Continue from a σ that another law chose at a reading (bumpless transfer).
+
+        Takes the reading into the derivative filter as :meth:`update` would, sets the own σ to ``sigma`` and
+        the integral so that the law's output u equals log σ (back-calculation), so a later reading handled by
+        this PID moves σ from there instead of jumping back to where the integral had been.
+
+        Args:
+            sigma: the σ chosen (clamped to the bounds).
+            measurement: the finite reading (nats) at which it was chosen.
+
+        Raises:
+            ValueError: if ``sigma`` is not finite and > 0 or ``measurement`` is not finite.
+        """
+        value = min(max(check_positive("sigma", sigma), self._sigma_min), self._sigma_max)
+        if not math.isfinite(measurement):
+            raise ValueError(f"measurement must be a finite reading (nats), got {measurement!r}")
+        error = self._observe(measurement)
+        self._failed = False
+        self._last_error = measurement - self.setpoint
+        self._integral = math.log(value) - math.log(self._noise_multiplier) - self._kp * error
+        self._integral -= self._kd * self._derivative
+        self._sigma = value
+
+    def _observe(self, measurement: float) -> float:
+        """The clipped relative error of a reading; updates the derivative filter with it."""
         clip = self._error_clip
         error = min(max((measurement - self.setpoint) / self._target, -1.0), clip)
         if self._previous is not None:
             slope = min(max((measurement - self._previous) / self._target, -clip), clip)
             self._derivative = self._alpha * self._derivative + (1.0 - self._alpha) * slope
         self._previous = measurement
+        return error
 
+    def _law(
+        self, measurement: float, step: int, *, applied: float, overridden: bool, mi_curve: MICurve | None
+    ) -> float:
+        error = self._observe(measurement)
         integral = self._integral + self._ki * error
-        wanted = math.log(self._initial) + self._kp * error + integral + self._kd * self._derivative
+        wanted = math.log(self._noise_multiplier) + self._kp * error + integral + self._kd * self._derivative
         current = math.log(self._sigma)
         if overridden and wanted < current:
             # The floor or fail-closed set σ, not the law: hold σ and the integral (clamping anti-windup).
@@ -174,20 +214,3 @@ class PIDController(FeedbackController):
             if chosen == math.log(exact):
                 return exact  # no exp/log round-off at the bounds or when holding
         return math.exp(chosen)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return number
-
-
-def _check_unit_interval(name: str, value: Any) -> float:
-    number = _check_nonnegative(name, value)
-    if number >= 1:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-    return number

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from controllers.base import FeedbackController, check_positive, check_step
+from controllers.base import MICurve, check_positive, check_step
+from controllers.feedback import FeedbackController
+from controllers.registry import register_controller
 
 __all__ = ["ThresholdController"]
 
 
+@register_controller("threshold", feedback=True)
 class ThresholdController(FeedbackController):
     """Raise σ when a reading is over the ceiling, lower it when the reading is well under it.
 
@@ -35,17 +38,19 @@ class ThresholdController(FeedbackController):
     Args:
         target: leakage ceiling, nats (> 0).
         sigma_min, sigma_max: bounds (0 < sigma_min ≤ sigma_max).
-        initial: σ before the first reading, in the bounds.
+        noise_multiplier: σ₀, the σ before the first reading, in the bounds.
         raise_factor: multiplicative raise over the ceiling; > 1.
         lower_factor: divisor when under the band; > 1.
         hysteresis: relative width of the band under the ceiling in which σ is held; 0 ≤ hysteresis < 1.
         cooldown: steps after a raise during which σ is not lowered; int ≥ 0.
+        initial: deprecated name of ``noise_multiplier`` (DeprecationWarning).
 
     Raises:
         ValueError: naming the argument, for any value outside the ranges above.
+        TypeError: if ``noise_multiplier`` is missing, or given under both names.
 
     Example:
-        >>> c = ThresholdController(0.5, sigma_min=0.3, sigma_max=10.0, initial=1.0)
+        >>> c = ThresholdController(0.5, sigma_min=0.3, sigma_max=10.0, noise_multiplier=1.0)
         >>> c.update(None, 0)            # no reading yet: hold
         1.0
         >>> c.update(0.8, 1)             # over the 0.5-nat ceiling: raise ×1.5
@@ -56,19 +61,18 @@ class ThresholdController(FeedbackController):
         10.0
     """
 
-    registry_name = "threshold"
-
     def __init__(
         self,
         target: float,
         *,
         sigma_min: float,
         sigma_max: float,
-        initial: float,
+        noise_multiplier: float | None = None,
         raise_factor: float = 1.5,
         lower_factor: float = 1.1,
         hysteresis: float = 0.25,
         cooldown: int = 0,
+        initial: float | None = None,
     ) -> None:
         self._raise_factor = _check_factor("raise_factor", raise_factor)
         self._lower_factor = _check_factor("lower_factor", lower_factor)
@@ -83,7 +87,13 @@ class ThresholdController(FeedbackController):
             self._cooldown = check_step(cooldown)
         except ValueError:
             raise ValueError(f"cooldown must be an integer >= 0 (steps), got {cooldown!r}") from None
-        super().__init__(target, sigma_min=sigma_min, sigma_max=sigma_max, initial=initial)
+        super().__init__(
+            target,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            noise_multiplier=noise_multiplier,
+            initial=initial,
+        )
 
     @property
     def lower_threshold(self) -> float:
@@ -109,7 +119,9 @@ class ThresholdController(FeedbackController):
     def _load_law_state(self, state: dict[str, Any]) -> None:
         self._last_raise = None if state["last_raise"] is None else int(state["last_raise"])
 
-    def _law(self, measurement: float, step: int, *, applied: float, overridden: bool) -> float:
+    def _law(
+        self, measurement: float, step: int, *, applied: float, overridden: bool, mi_curve: MICurve | None
+    ) -> float:
         if measurement > self._target:
             self._last_raise = step
             return max(self._sigma, applied) * self._raise_factor

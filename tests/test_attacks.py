@@ -58,8 +58,9 @@ def test_per_sample_gradients_match_opacus(digits, lenet):
     images, labels, info = digits
     x, y = images[:5], labels[:5]
     raw = build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0)
-    copy = with_normalization(build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0),
-                              info.mean, info.std)
+    copy = with_normalization(
+        build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0), info.mean, info.std
+    )
     gsm = GradSampleModule(with_normalization(raw, info.mean, info.std), loss_reduction="sum")
     torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     expected = torch.cat([p.grad_sample.reshape(5, -1) for p in gsm.parameters()], dim=1)
@@ -68,7 +69,9 @@ def test_per_sample_gradients_match_opacus(digits, lenet):
     # clipping as opacus clips: g · min(1, C / (‖g‖ + 1e-6))
     clipped = clipped_per_sample_gradients(copy, x, y, max_grad_norm=CLIP)
     norms = expected.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(clipped, expected * (CLIP / (norms + 1e-6)).clamp(max=1.0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        clipped, expected * (CLIP / (norms + 1e-6)).clamp(max=1.0), rtol=1e-4, atol=1e-7
+    )
     assert (norms > CLIP).all(), "the LeNet at init has per-sample norms above C: clipping is exercised"
     # and the GradSampleModule itself is refused by the attacks (its hooks would break torch.func)
     with pytest.raises(ValueError, match="hook-free"):
@@ -127,8 +130,15 @@ def test_dlg_psnr_falls_with_noise(digits, lenet):
         for i in range(3):
             x, y = images[i : i + 1], labels[i : i + 1]
             released = _release(lenet, x, y, sigma, seed=100 + i)  # same noise direction for every σ
-            result = dlg(lenet, released, image_shape=(1, 8, 8), max_grad_norm=CLIP, iterations=60,
-                         restarts=DLG_RESTARTS, seed=i)
+            result = dlg(
+                lenet,
+                released,
+                image_shape=(1, 8, 8),
+                max_grad_norm=CLIP,
+                iterations=60,
+                restarts=DLG_RESTARTS,
+                seed=i,
+            )
             values.append(psnr(result.reconstruction[0], x[0]))
         medians.append(statistics.median(values))
     for before, after in zip(medians, medians[1:]):
@@ -141,8 +151,9 @@ def test_dlg_on_cifar10(data_root):
     """CIFAR-10 (JPEG) with the LeNet at init, σ = 0: DLG (2000 L-BFGS iterations) median PSNR ≥ 20 dB."""
     ds = load_dataset("cifar10", split="test", data_dir=data_root)
     info = ds.info
-    model = with_normalization(build_model("lenet", in_channels=3, num_classes=10, image_size=32, seed=0),
-                               info.mean, info.std)
+    model = with_normalization(
+        build_model("lenet", in_channels=3, num_classes=10, image_size=32, seed=0), info.mean, info.std
+    )
     values = []
     for i in range(3):
         x, y = ds.images[i : i + 1].to(torch.float32) / 255.0, ds.targets[i : i + 1]

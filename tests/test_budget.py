@@ -166,10 +166,10 @@ def test_no_order_ever_exceeds_its_budget(eps, q, steps, seed, extra_noise, chea
     assert f.guarantee_epsilon >= eps - 1e-7 * max(1.0, eps)  # the budget spends the target, not less
 
 
-def test_exception_is_reachable_from_the_package_and_accounting():
+def test_exception_is_reachable_from_the_package_and_accountants():
     import adaptive_dp
-    import adaptive_dp.accountants.rdp as accounting
+    import adaptive_dp.accountants as accountants
 
     assert adaptive_dp.PrivacyBudgetExhausted is PrivacyBudgetExhausted
-    assert accounting.PrivacyBudgetExhausted is PrivacyBudgetExhausted and accounting.RenyiFilter is RenyiFilter
+    assert accountants.PrivacyBudgetExhausted is PrivacyBudgetExhausted and accountants.RenyiFilter is RenyiFilter
     assert issubclass(PrivacyBudgetExhausted, RuntimeError)

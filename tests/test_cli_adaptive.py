@@ -10,22 +10,21 @@ import torch
 from opacus.accountants import RDPAccountant
 from train_helpers import run_cli, tiny_config
 
-import controllers
 from adaptive_dp.data.datasets import load_dataset
 from adaptive_dp.leakage import monitor as leakage
 from adaptive_dp.leakage import tokens
 from adaptive_dp.privacy_engine import RenyiFilter
-from adaptive_dp.training import loop as training_module
-from adaptive_dp.training.loop import load_trained_model, train
+from adaptive_dp.training import config as training_config
+from adaptive_dp.training.loop import evaluate, load_trained_model, train
 from adaptive_dp.training.tracking import read_history
 
 DELTA = 1e-5
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:target_mi without a privacy budget", "ignore:Optimal order is the largest alpha",
-    "ignore:Secure RNG turned off", "ignore:Full backward hook is firing",
+    "ignore:target_mi without a privacy budget",
+    "ignore:Optimal order is the largest alpha",
+    "ignore:Secure RNG turned off",
+    "ignore:Full backward hook is firing",
 )
-
-
 
 
 def opacus_epsilon(history: list[dict], delta: float = DELTA) -> float:
@@ -36,18 +35,34 @@ def opacus_epsilon(history: list[dict], delta: float = DELTA) -> float:
 
 
 def test_option_names_match_the_registries():
-    assert set(training_module.ESTIMATORS) == set(leakage.ESTIMATORS)
-    assert set(training_module.TOKEN_ENCODERS) == set(tokens.TOKEN_ENCODERS)
-    assert set(training_module.CONTROLLER_NAMES) == set(controllers.CONTROLLERS)
-    assert set(training_module.FEEDBACK_CONTROLLERS) == set(controllers.FEEDBACK)
+    assert set(training_config.ESTIMATORS) == set(leakage.ESTIMATORS)
+    assert set(training_config.TOKEN_ENCODERS) == set(tokens.TOKEN_ENCODERS)
 
 
 @pytest.fixture(scope="module")
 def pid_run(tmp_path_factory):
     """digits, MI ceiling 0.05 nats (the default monitor reads ~0.15 at σ = 1), PID, a reading every 2 steps."""
     out = tmp_path_factory.mktemp("pid")
-    code = run_cli(["--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--wandb-mode", "disabled",
-                    "--target-mi", "0.05", "--controller", "pid", "--monitor-every", "2", "--out", str(out)])
+    code = run_cli(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "128",
+            "--wandb-mode",
+            "disabled",
+            "--target-mi",
+            "0.05",
+            "--controller",
+            "pid",
+            "--monitor-every",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "summary.json").read_text()), read_history(out)
 
@@ -61,7 +76,9 @@ def test_pid_raises_sigma_to_meet_the_ceiling(pid_run):
     readings = [r for r in history if r["mi"] is not None]
     assert [r["step"] for r in readings] == list(range(1, len(history) + 1, 2))
     for r in history:
-        assert {"mi", "mi_gap", "controller_error", "sigma_floor"} <= r.keys() and r["sigma_floor"] is None
+        assert {"mi", "critic_gap", "controller_error", "sigma_floor"} <= r.keys() and r[
+            "sigma_floor"
+        ] is None
         assert (r["controller_error"] is None) == (r["mi"] is None)
     # more noise, less leakage: the last reading is below the first one, taken at σ = 1
     assert readings[-1]["mi"] < readings[0]["mi"]
@@ -88,12 +105,14 @@ def test_checkpoint_carries_the_adaptive_state(pid_run):
     assert adaptive["history"][-1]["noise_multiplier"] == history[-1]["noise_multiplier"]
     assert adaptive["controller"] is not None and adaptive["monitor"] is not None
     model, run = load_trained_model(out)
-    accuracy = training_module.evaluate(model, load_dataset("digits", split="test"))["accuracy"]
+    accuracy = evaluate(model, load_dataset("digits", split="test"))["accuracy"]
     assert accuracy == summary["test_accuracy"] and run["noise_multiplier"] == history[-1]["noise_multiplier"]
 
 
 def test_budget_with_controller_guarantees_target_epsilon(tmp_path):
-    summary = train(tiny_config(tmp_path, target_epsilon=3.0, target_mi=0.05, controller="pid"), progress=False)
+    summary = train(
+        tiny_config(tmp_path, target_epsilon=3.0, target_mi=0.05, controller="pid"), progress=False
+    )
     history = read_history(tmp_path)
     assert summary["guarantee_epsilon"] == pytest.approx(3.0) and summary["guarantee_epsilon"] <= 3.0
     assert summary["odometer_epsilon"] <= 3.0
@@ -104,7 +123,9 @@ def test_budget_with_controller_guarantees_target_epsilon(tmp_path):
 
 
 def test_schedule_runs_to_sigma_end(tmp_path):
-    summary = train(tiny_config(tmp_path, controller="linear", noise_multiplier=2.0, sigma_end=0.8), progress=False)
+    summary = train(
+        tiny_config(tmp_path, controller="linear", noise_multiplier=2.0, sigma_end=0.8), progress=False
+    )
     sigmas = [r["noise_multiplier"] for r in read_history(tmp_path)]
     assert sigmas[0] == pytest.approx(2.0) and sigmas[-1] == pytest.approx(0.8)
     assert all(a >= b for a, b in zip(sigmas, sigmas[1:]))  # linear decay: never up
@@ -132,8 +153,23 @@ def test_budget_exhausted_mid_training_stops_cleanly(tmp_path, monkeypatch, caps
             super().__init__(planned_steps=planned_steps // 2, **kwargs)
 
     monkeypatch.setattr(engine_module, "RenyiFilter", HalfPlan)
-    code = run_cli(["--dataset", "digits", "--epochs", "2", "--batch-size", "128", "--wandb-mode", "disabled",
-                    "--target-epsilon", "2", "--no-progress", "--out", str(tmp_path)])
+    code = run_cli(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "128",
+            "--wandb-mode",
+            "disabled",
+            "--target-epsilon",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     captured = capsys.readouterr().out
     assert code == 0 and "stopped early" in captured and "budget" in captured
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -161,8 +197,20 @@ def test_budget_exhausted_mid_training_stops_cleanly(tmp_path, monkeypatch, caps
     ],
 )
 def test_bad_adaptive_options_are_one_clear_error(tmp_path, capsys, argv, message):
-    code = run_cli(["--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "out"),
-                    "--wandb-mode", "disabled", *argv])
+    code = run_cli(
+        [
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "out"),
+            "--wandb-mode",
+            "disabled",
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("adaptive-dp train: error:") and message in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()

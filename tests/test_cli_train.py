@@ -13,18 +13,11 @@ from PIL import Image
 from train_helpers import run_cli, tiny_config
 
 from adaptive_dp.data.datasets import load_dataset
-from adaptive_dp.training.loop import (
-    evaluate,
-    load_trained_model,
-    rng_states,
-    set_rng_states,
-    train,
-)
+from adaptive_dp.training.checkpoint import rng_states, set_rng_states
+from adaptive_dp.training.loop import evaluate, load_trained_model, train
 from adaptive_dp.training.tracking import read_history, wandb_history
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +45,24 @@ def test_cli_writes_all_outputs(cli_run):
     assert summary["steps"] == len(history) == history[-1]["step"] > 0
     assert [r["step"] for r in history] == list(range(1, len(history) + 1))
     for record in history:
-        assert {"step", "epoch", "noise_multiplier", "epsilon", "loss", "mi", "mi_gap", "sigma_floor",
-                "controller_error"} <= record.keys()
+        assert {
+            "step",
+            "epoch",
+            "noise_multiplier",
+            "epsilon",
+            "audit_loss",
+            "mi",
+            "critic_gap",
+            "sigma_floor",
+            "controller_error",
+        } <= record.keys()
         assert record["noise_multiplier"] == 1.0 and record["sigma_floor"] is None  # no controller, no budget
         # the default monitor (audit fraction 0.02, every 10 steps) reads MI for steps 1, 11, 21, ...
         monitored = (record["step"] - 1) % 10 == 0
-        assert (record["mi"] is not None) == monitored == (record["mi_gap"] is not None)
-        if monitored:  # nats, an estimate on a few dozen audit examples: the bound below plus ~3 standard errors
+        assert (record["mi"] is not None) == monitored == (record["critic_gap"] is not None)
+        if (
+            monitored
+        ):  # nats, an estimate on a few dozen audit examples: the bound below plus ~3 standard errors
             assert 0 <= record["mi"] <= 0.5 + 0.3
     # capacity bound of the Gaussian mechanism at σ = 1: I ≤ 1 / (2σ²) = 0.5 nats; the mean of the readings
     # averages their estimation noise down
@@ -74,8 +78,16 @@ def test_cli_writes_all_outputs(cli_run):
         assert png.format == "PNG" and png.size[0] > 400
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("_module.") for k in state["model_state_dict"])
-    assert {"optimizer_state_dict", "accountant_state_dict", "config", "dataset_info", "history",
-            "rng_states", "epoch", "adaptive_state"} <= state.keys()
+    assert {
+        "optimizer_state_dict",
+        "accountant_state_dict",
+        "config",
+        "dataset_info",
+        "history",
+        "rng_states",
+        "epoch",
+        "adaptive_state",
+    } <= state.keys()
     assert state["adaptive_state"]["history"][-1]["step"] == len(history)
     assert state["adaptive_state"]["monitor"] is not None and state["adaptive_state"]["controller"] is None
     assert state["history"] == history and state["epoch"] == 1
@@ -107,11 +119,10 @@ def test_offline_wandb_run_holds_the_jsonl_values(cli_run):
         row = rows[record["step"]]
         assert row["privacy/epsilon"] == record["epsilon"]
         assert row["privacy/noise_multiplier"] == record["noise_multiplier"]
-        assert row["train/loss"] == record["loss"]
         if record["mi"] is None:
-            assert "leakage/mi" not in row
+            assert "leakage/mi" not in row and "leakage/critic_gap" not in row
         else:
-            assert row["leakage/mi"] == record["mi"] and row["leakage/mi_gap"] == record["mi_gap"]
+            assert row["leakage/mi"] == record["mi"] and row["leakage/critic_gap"] == record["critic_gap"]
     assert sum("leakage/mi" in row for row in rows.values()) == summary["mi_readings"] >= 2
     assert rows[history[-1]["step"]]["test/accuracy"] == summary["test_accuracy"]
 
@@ -146,16 +157,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_seed_repeats_the_run(cli_run, tmp_path):
-    """Same seed: the same Poisson batches, losses, ε and accuracy as the CLI run (seed 0, W&B offline there,
-    disabled here); another seed: other batches."""
+    """Same seed: the same readings, ε and accuracy as the CLI run (seed 0, W&B offline there, disabled here),
+    so the same batches and noise; another seed: other Poisson batches (logged here as private metrics)."""
     out, _ = cli_run
-    fields = ("batch_size", "loss", "epsilon")
+    fields = ("mi", "critic_gap", "audit_loss", "epsilon")
     reference = [{k: r[k] for k in fields} for r in read_history(out)]
-    again = train(tiny_config(tmp_path / "same", seed=0), progress=False)
-    assert [{k: r[k] for k in fields} for r in read_history(tmp_path / "same")] == reference
+    again = train(tiny_config(tmp_path / "same", seed=0, log_private_metrics=True), progress=False)
+    same = read_history(tmp_path / "same")
+    assert [{k: r[k] for k in fields} for r in same] == reference
     assert again["test_accuracy"] == json.loads((out / "summary.json").read_text())["test_accuracy"]
-    train(tiny_config(tmp_path / "other", seed=1), progress=False)
-    assert [r["batch_size"] for r in read_history(tmp_path / "other")] != [r["batch_size"] for r in reference]
+    train(tiny_config(tmp_path / "other", seed=1, log_private_metrics=True), progress=False)
+    assert [r["batch_size"] for r in read_history(tmp_path / "other")] != [r["batch_size"] for r in same]
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
@@ -186,6 +198,7 @@ def test_failing_wandb_never_stops_training(tmp_path, monkeypatch):
         (["--audit-fraction", "1.5"], "audit_fraction must be"),
         (["--epochs", "0"], "epochs must be"),
         (["--lr", "-1"], "lr must be"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):

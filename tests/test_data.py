@@ -1,4 +1,4 @@
-"""Tests for adaptive_dp.data.datasets: real loaders, the other on-disk layouts (tiny fixtures), errors, audit split."""
+"""Tests for adaptive_dp.data: real loaders, the other on-disk layouts (tiny fixtures), errors, audit split."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptive_dp.data import datasets as data_module
+from adaptive_dp.data import cifar as cifar_module
+from adaptive_dp.data.cache import fingerprint
 from adaptive_dp.data.datasets import (
     CIFAR10_CLASSES,
     DATASETS,
@@ -113,7 +114,7 @@ def test_cifar10_from_jpeg_tar(data_root):
     # their own keys), and a second load reads it back unchanged
     tar_path = data_root / "cifar10-jpeg" / "cifar10-jpeg.tar"
     stat = tar_path.stat()
-    key = data_module._fingerprint(tar_path.resolve(), stat.st_size, stat.st_mtime_ns)
+    key = fingerprint(tar_path.resolve(), stat.st_size, stat.st_mtime_ns)
     cached = sorted(
         p.name.split("-")[1] for p in (get_cache_dir() / "cifar10-decoded").glob(f"tar-*-{key}.images.npy")
     )
@@ -242,14 +243,14 @@ def test_cifar_tar_is_decoded_once_under_concurrent_loads(tmp_path, monkeypatch)
     with tarfile.open(root / "cifar10-jpeg" / "cifar10-jpeg.tar", "w") as tar:
         tar.add(tmp_path / "tree" / "cifar10", arcname="cifar10")
     monkeypatch.setenv("ADAPTIVE_DP_CACHE", str(tmp_path / "cache"))
-    real_decode, calls = data_module._decode_tar, []
+    real_decode, calls = cifar_module._decode_tar, []
 
     def slow_counting_decode(path):
         calls.append(path)
         time.sleep(0.3)  # keep the lock held while the other thread arrives
         return real_decode(path)
 
-    monkeypatch.setattr(data_module, "_decode_tar", slow_counting_decode)
+    monkeypatch.setattr(cifar_module, "_decode_tar", slow_counting_decode)
     with ThreadPoolExecutor(max_workers=2) as pool:  # flock locks conflict across separate open()s
         results = list(
             pool.map(lambda split: load_dataset("cifar10", split=split, data_dir=root), ["train", "test"])
@@ -381,3 +382,46 @@ def test_module_constants_are_consistent():
     for name, info in DATASETS.items():
         assert info.name == name and len(info.classes) == info.num_classes
         assert len(info.mean) == len(info.std) == info.in_channels
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The data-set registry, restored after the test (registering is global)."""
+    from adaptive_dp.data import registry
+
+    for attribute in ("DATASETS", "_SOURCES", "_ALIASES"):
+        monkeypatch.setattr(registry, attribute, dict(getattr(registry, attribute)))
+    return registry
+
+
+def test_a_registered_reader_is_loadable_by_name_and_alias(tmp_path, scratch_registry):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(6, 1, 4, 4), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)
+    np.save(tmp_path / "toy.npy", images)
+    info = scratch_registry.DatasetInfo("toy", 3, 1, 4, (0.5,), (0.25,), ("a", "b", "c"))
+
+    @scratch_registry.register_dataset(
+        info, aliases=("toy_set",), expected=lambda root: ([root / "toy.npy"], "toy.npy")
+    )
+    def _read_toy(split, root):
+        path = root / "toy.npy"
+        return (np.load(path), labels) if path.is_file() else None
+
+    assert scratch_registry.DATASETS["toy"] is info
+    ds = load_dataset("Toy-Set", split="test", data_dir=tmp_path)  # alias, any case and _/- spelling
+    assert ds.info is info and torch.equal(ds.images, torch.from_numpy(images))
+    assert torch.allclose(ds[2][0], (torch.from_numpy(images[2]).float() / 255 - 0.5) / 0.25)
+    with pytest.raises(DataNotFoundError, match="toy.npy") as missing:
+        load_dataset("toy", data_dir=tmp_path / "elsewhere")
+    assert str(tmp_path / "elsewhere") in str(missing.value)
+    with pytest.raises(ValueError, match="already registered"):
+        scratch_registry.register_dataset(info)(_read_toy)
+    with pytest.raises(ValueError, match="already registered"):  # an alias may not shadow a name
+        scratch_registry.register_dataset(
+            scratch_registry.DatasetInfo("toy2", 3, 1, 4, (0.5,), (0.25,), ("a", "b", "c")),
+            aliases=("mnist",),
+        )(_read_toy)

@@ -12,6 +12,7 @@ MODULES = [
     "controllers.pid",
     "controllers.schedules",
     "controllers.registry",
+    "controllers.predictive",
     "adaptive_dp.accountants.rdp",
     "adaptive_dp.accountants.filter",
     "adaptive_dp.leakage.mine",

@@ -68,7 +68,9 @@ def test_drop_in_same_types_and_same_epsilon_as_opacus_rdp():
         results.append((engine, out))
     (opacus_engine, opacus_out), (ours, our_out) = results
     assert len(our_out) == len(opacus_out) == 3
-    assert [type(o) for o in our_out] == [type(o) for o in opacus_out]
+    # the same types, the optimizer being the adaptive subclass of opacus' own choice (dispatch)
+    assert all(isinstance(o, type(r)) for o, r in zip(our_out, opacus_out))
+    assert type(our_out[1]).__mro__[1:].count(type(opacus_out[1])) == 1
     assert isinstance(ours.accountant, IncrementalRDPAccountant)
     for delta in (1e-5, 1e-3):
         expected = opacus_engine.get_epsilon(delta)
@@ -155,7 +157,7 @@ def test_gdp_refuses_a_changing_sigma():
 
 
 def test_controller_instance_conflicts_are_refused():
-    pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, initial=1.0)
+    pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, noise_multiplier=1.0)
     for kwargs in ({"target_mi": 0.3}, {"sigma_min": 0.2}, {"sigma_max": 8.0}):
         model, optimizer, loader = _setup()
         with pytest.raises(ValueError, match="conflicting settings"):
@@ -180,7 +182,7 @@ def test_target_mi_without_audit_data_names_the_fix():
 
 def test_feedback_controller_instance_without_audit_data_is_refused():
     model, optimizer, loader = _setup()
-    pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, initial=1.0)
+    pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="audit_fraction"):
         AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
                                              noise_multiplier=1.0, max_grad_norm=1.0, controller=pid)
@@ -206,12 +208,17 @@ def test_prv_accountant_stays_opacus_prv():
 
 
 @pytest.mark.parametrize("kwargs", [{"grad_sample_mode": "ghost"}, {"wrap_model": False}])
-def test_monitor_refuses_ghost_clipping_and_unwrapped_models(kwargs):
+def test_monitor_and_controller_work_with_ghost_clipping_and_unwrapped_models(kwargs):
     model, optimizer, loader = _setup()
-    with pytest.raises(ValueError, match="per-sample gradients"):
-        AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                             noise_multiplier=1.0, max_grad_norm=1.0, audit_data=_audit(),
-                                             **kwargs)
+    engine = AdaptivePrivacyEngine()
+    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                              max_grad_norm=1.0, audit_data=_audit(), target_mi=0.05, monitor_every=2,
+                              criterion=nn.CrossEntropyLoss(), **kwargs)
+    criterion = out[2] if len(out) == 4 else None
+    _train(model if not kwargs.get("grad_sample_mode") else out[0], out[1], out[-1], steps=6, criterion=criterion)
+    readings = [r["mi"] for r in engine.history if r["mi"] is not None]
+    assert len(readings) == 3 and all(math.isfinite(m) and m > 0 for m in readings)
+    assert engine.history[-1]["noise_multiplier"] > 1.0  # over the ceiling: the PID raised σ
 
 
 def test_ghost_clipping_without_monitor_still_works():
@@ -362,7 +369,7 @@ def test_virtual_steps_are_booked_once():
     assert physical > 6
     assert len(engine.history) == 6 == sum(n for _, _, n in engine.accountant.history)
     assert [r["step"] for r in engine.history] == list(range(1, 7))
-    expected = LinearDecay(sigma_start=1.0, sigma_end=0.5, total_steps=5)  # 6 planned steps, 5 updates
+    expected = LinearDecay(noise_multiplier=1.0, sigma_end=0.5, total_steps=5)  # 6 planned steps, 5 updates
     sigmas = [r["noise_multiplier"] for r in engine.history]
     assert sigmas == pytest.approx([expected.sigma_at(t) for t in range(6)])
     assert sigmas[0] == 1.0 and sigmas[-1] == pytest.approx(0.5)

@@ -95,7 +95,7 @@ def test_resume_in_a_new_process_reproduces_sigma_and_epsilon(tmp_path):
     sigmas = [r["noise_multiplier"] for r in full["history"]]
     assert len(set(sigmas)) > 2, "the controller should have moved σ"
     for ours, reference in zip(resumed["history"], full["history"]):
-        for key in ("step", "noise_multiplier", "sigma_floor", "epsilon", "mi", "mi_gap"):
+        for key in ("step", "noise_multiplier", "sigma_floor", "epsilon", "mi", "critic_gap"):
             if reference[key] is None:
                 assert ours[key] is None
             else:

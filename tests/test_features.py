@@ -26,20 +26,24 @@ def test_small_cnn_features_match_a_manual_forward_pass():
         a2 = torch.tanh(model.features[3](model.features[2](a1)))
         stack = model.features(x)
         hidden = torch.tanh(model.classifier[1](stack.flatten(1)))
-    expected = torch.cat([
-        F.adaptive_avg_pool2d(x, 4).flatten(1),
-        F.adaptive_avg_pool2d(a1, 2).flatten(1),
-        F.adaptive_avg_pool2d(a2, 2).flatten(1),
-        F.adaptive_avg_pool2d(stack, 2).flatten(1),
-        hidden,
-    ], dim=1)
+    expected = torch.cat(
+        [
+            F.adaptive_avg_pool2d(x, 4).flatten(1),
+            F.adaptive_avg_pool2d(a1, 2).flatten(1),
+            F.adaptive_avg_pool2d(a2, 2).flatten(1),
+            F.adaptive_avg_pool2d(stack, 2).flatten(1),
+            hidden,
+        ],
+        dim=1,
+    )
     assert features.shape == (5, 16 + 16 * 4 + 32 * 4 + 32 * 4 + 64)
     assert torch.allclose(features, expected, atol=1e-5)
     assert _hook_count(model) == 0
 
 
-@pytest.mark.parametrize("name,channels,size", [("resnet20", 3, 32), ("tanh-cnn", 3, 32), ("lenet", 1, 28),
-                                                ("small-cnn", 1, 8)])
+@pytest.mark.parametrize(
+    "name,channels,size", [("resnet20", 3, 32), ("tanh-cnn", 3, 32), ("lenet", 1, 28), ("small-cnn", 1, 8)]
+)
 def test_default_layers_for_project_models(name, channels, size):
     model = build_model(name, in_channels=channels, num_classes=10, image_size=size, seed=0)
     layers = default_feature_layers(model, torch.zeros(1, channels, size, size))
@@ -58,7 +62,9 @@ def test_context_manager_keeps_hooks_only_inside_and_accepts_custom_forward():
         out = fx(x, forward=lambda inp: torch.func.functional_call(model, doubled, (inp,)))
     assert _hook_count(model) == 0
     with torch.no_grad():
-        expected = torch.tanh(F.conv2d(x, 2 * model.features[0].weight, 2 * model.features[0].bias, padding=1))
+        expected = torch.tanh(
+            F.conv2d(x, 2 * model.features[0].weight, 2 * model.features[0].bias, padding=1)
+        )
     assert torch.allclose(out, F.adaptive_avg_pool2d(expected, 2).flatten(1), atol=1e-5)
 
 

@@ -25,8 +25,9 @@ CLIP = 1.0
 def setting():
     """The digits LeNet in float64 (D = 64 pixels, P ≈ 8 000 parameters: J is 64 × 8 026)."""
     ds = load_dataset("digits", split="test")
-    model = with_normalization(build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0),
-                               ds.info.mean, ds.info.std).double()
+    model = with_normalization(
+        build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0), ds.info.mean, ds.info.std
+    ).double()
     x, y = ds.images[:1].double() / 255.0, ds.targets[:1]
     jac = GradientJacobian(model, x, y, max_grad_norm=CLIP)
     dense = jac.dense()  # [D, P]
@@ -65,8 +66,11 @@ def test_lower_bound_below_exact_i2f(setting):
     model, x, y, jac, dense = setting
     jjt = dense @ dense.T
     for seed, sigma in ((0, 1e-3), (1, 1e-2)):
-        delta = sigma * CLIP * torch.randn(jac.num_params, generator=torch.Generator().manual_seed(seed),
-                                           dtype=torch.float64)
+        delta = (
+            sigma
+            * CLIP
+            * torch.randn(jac.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        )
         exact = float(torch.linalg.solve(jjt, dense @ delta).norm())
         lb = i2f_lower_bound(model, x, y, delta, max_grad_norm=CLIP, tol=1e-8)
         assert isinstance(lb, I2FReading) and lb.estimator == "i2f-lb" and lb.n == 1 and lb.seconds > 0
@@ -77,8 +81,9 @@ def test_lower_bound_below_exact_i2f(setting):
         damping = 1e-6
         full = i2f(model, x, y, delta, max_grad_norm=CLIP, damping=damping, rtol=1e-10)
         lam = full.lambda_max
-        damped = float(torch.linalg.solve(jjt + damping * lam * torch.eye(64, dtype=torch.float64),
-                                          dense @ delta).norm())
+        damped = float(
+            torch.linalg.solve(jjt + damping * lam * torch.eye(64, dtype=torch.float64), dense @ delta).norm()
+        )
         assert full.value == pytest.approx(damped, rel=1e-3)
         assert lb.value <= full.value
 
@@ -86,16 +91,31 @@ def test_lower_bound_below_exact_i2f(setting):
 def test_expected_lower_bound_hutchinson(setting):
     model, x, y, _, dense = setting
     sigma = 1e-3
-    reading = expected_i2f_lower_bound(model, x, y, noise_multiplier=sigma, max_grad_norm=CLIP, probes=32,
-                                       tol=1e-8, seed=0)
+    reading = expected_i2f_lower_bound(
+        model, x, y, noise_multiplier=sigma, max_grad_norm=CLIP, probes=32, tol=1e-8, seed=0
+    )
     lam = float(torch.linalg.eigvalsh(dense @ dense.T)[-1])
     exact = sigma * CLIP * float(torch.linalg.norm(dense)) / lam  # σC‖J‖_F / λ_max
     assert reading.estimator == "i2f-lb-expected" and reading.n == 32
     assert abs(reading.value - exact) <= 4 * reading.stderr + 1e-12
     assert reading.stderr < 0.2 * exact
     # and it agrees with the mean of single-draw lower bounds (Monte Carlo over Gaussian δ)
-    draws = [float((dense @ (sigma * CLIP * torch.randn(dense.shape[1], generator=torch.Generator().manual_seed(s),
-                                                         dtype=torch.float64))).norm()) / lam for s in range(20)]
+    draws = [
+        float(
+            (
+                dense
+                @ (
+                    sigma
+                    * CLIP
+                    * torch.randn(
+                        dense.shape[1], generator=torch.Generator().manual_seed(s), dtype=torch.float64
+                    )
+                )
+            ).norm()
+        )
+        / lam
+        for s in range(20)
+    ]
     assert np.mean(draws) == pytest.approx(exact, rel=0.1)
 
 
@@ -104,7 +124,9 @@ def test_bad_inputs(setting):
     with pytest.raises(ValueError, match="delta"):
         i2f_lower_bound(model, x, y, torch.zeros(3, dtype=torch.float64), max_grad_norm=CLIP)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        i2f_lower_bound(model, x * 300, y, torch.zeros(jac.num_params, dtype=torch.float64), max_grad_norm=CLIP)
+        i2f_lower_bound(
+            model, x * 300, y, torch.zeros(jac.num_params, dtype=torch.float64), max_grad_norm=CLIP
+        )
     with pytest.raises(ValueError, match="noise_multiplier"):
         expected_i2f_lower_bound(model, x, y, noise_multiplier=-1.0, max_grad_norm=CLIP)
     with pytest.raises(ValueError, match="probes"):

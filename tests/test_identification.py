@@ -18,8 +18,9 @@ SIGMAS = [0.0, 3e-3, 0.01, 0.1, 0.3, 1.0, 2.0, 4.0]
 def candidates():
     ds = load_dataset("digits", split="test")
     images, labels = ds.images[:N].to(torch.float32) / 255.0, ds.targets[:N]
-    model = with_normalization(build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0),
-                               ds.info.mean, ds.info.std)
+    model = with_normalization(
+        build_model("lenet", in_channels=1, num_classes=10, image_size=8, seed=0), ds.info.mean, ds.info.std
+    )
     return model, images, labels
 
 
@@ -33,8 +34,9 @@ def test_identify_picks_nearest():
 def test_identification_rate_vs_noise(candidates):
     """100 % at σ = 0 among 64; non-increasing in σ; near chance 1/64 at σ = 4."""
     model, images, labels = candidates
-    curve = identification_curve(model, images, labels, noise_multipliers=SIGMAS, max_grad_norm=1.0,
-                                 trials_per_candidate=10, seed=0)
+    curve = identification_curve(
+        model, images, labels, noise_multipliers=SIGMAS, max_grad_norm=1.0, trials_per_candidate=10, seed=0
+    )
     rates = [r.rate for r in curve]
     assert curve[0].rate == 1.0
     assert all(r.candidates == N and r.trials == 10 * N for r in curve)
@@ -59,6 +61,8 @@ def test_bad_inputs(candidates):
     with pytest.raises(ValueError, match="noise_multiplier"):
         identification_attack(model, images, labels, noise_multiplier=-0.1, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="trials_per_candidate"):
-        identification_attack(model, images, labels, noise_multiplier=0.1, max_grad_norm=1.0, trials_per_candidate=0)
+        identification_attack(
+            model, images, labels, noise_multiplier=0.1, max_grad_norm=1.0, trials_per_candidate=0
+        )
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         identification_attack(model, images * 255, labels, noise_multiplier=0.1, max_grad_norm=1.0)

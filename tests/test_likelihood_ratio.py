@@ -63,7 +63,7 @@ def test_likelihood_ratio_mi_is_infonce_over_the_scores():
     assert isinstance(est, MIEstimate) and est.method == "likelihood-ratio" and est.n == 16
     assert est.mi == pytest.approx(np.mean(rows), abs=1e-6)
     assert est.stderr == pytest.approx(np.std(rows, ddof=1) / 4, rel=1e-6)
-    assert est.mi_gap == pytest.approx(np.diag(s).mean() - off, rel=1e-6)
+    assert est.critic_gap == pytest.approx(np.diag(s).mean() - off, rel=1e-6)
     assert est.cap == pytest.approx(math.log(16))
 
 

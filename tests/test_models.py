@@ -125,3 +125,33 @@ def test_unknown_model_and_bad_sizes():
         build_model("small-cnn", in_channels=0, num_classes=10, image_size=28)
     with pytest.raises(ValueError, match="image_size"):
         build_model("tanh-cnn", in_channels=1, num_classes=10, image_size=4)
+
+
+def test_register_model_adds_a_buildable_name(monkeypatch):
+    from adaptive_dp.models import cnn
+
+    monkeypatch.setattr(cnn, "MODELS", dict(cnn.MODELS))  # registering is global: restore afterwards
+
+    @cnn.register_model("toy-linear")
+    class ToyLinear(nn.Module):
+        def __init__(self, *, in_channels, num_classes, image_size):
+            super().__init__()
+            self.fc = nn.Linear(in_channels * image_size * image_size, num_classes)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    assert cnn.MODELS["toy-linear"] is ToyLinear
+    model = cnn.build_model("toy-linear", in_channels=1, num_classes=3, image_size=4, seed=0)
+    assert isinstance(model, ToyLinear) and model(torch.zeros(2, 1, 4, 4)).shape == (2, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        cnn.register_model("small-cnn")(ToyLinear)
+
+    @cnn.register_model("toy-batchnorm")
+    class ToyBatchNorm(ToyLinear):
+        def __init__(self, **sizes):
+            super().__init__(**sizes)
+            self.norm = nn.BatchNorm1d(sizes["num_classes"])
+
+    with pytest.raises(ValueError, match="BatchNorm"):  # registered, but opacus cannot train it
+        cnn.build_model("toy-batchnorm", in_channels=1, num_classes=3, image_size=4)

@@ -21,13 +21,32 @@ from adaptive_dp.training.tracking import (
 
 STEPS = [
     {"step": 1, "epoch": 1, "noise_multiplier": 1.25, "epsilon": 0.5, "loss": 2.3, "mi": None},
-    {"step": 2, "epoch": 1, "noise_multiplier": 1.125, "epsilon": 0.75, "loss": 2.1, "mi": 0.4, "mi_gap": 0.3},
-    {"step": 3, "epoch": 2, "noise_multiplier": 1.0, "epsilon": 1.0 / 3.0, "loss": 1.9, "mi": None,
-     "sigma_floor": 0.8, "controller_error": -0.1},
+    {
+        "step": 2,
+        "epoch": 1,
+        "noise_multiplier": 1.125,
+        "epsilon": 0.75,
+        "loss": 2.1,
+        "mi": 0.4,
+        "critic_gap": 0.3,
+        "audit_loss": 2.2,
+    },
+    {
+        "step": 3,
+        "epoch": 2,
+        "noise_multiplier": 1.0,
+        "epsilon": 1.0 / 3.0,
+        "loss": 1.9,
+        "mi": None,
+        "sigma_floor": 0.8,
+        "controller_error": -0.1,
+    },
 ]
+# an epoch record carries the latest MI reading (step 2's for epoch 2 too); W&B gets only its test metrics, so
+# it never puts a reading on a step that took none (step 3)
 EPOCHS = [
     {"epoch": 1, "step": 2, "epsilon": 0.75, "mi": 0.4, "test_accuracy": 0.5, "noise_multiplier": 1.125},
-    {"epoch": 2, "step": 3, "epsilon": 1.0 / 3.0, "mi": None, "test_accuracy": 0.625, "noise_multiplier": 1.0},
+    {"epoch": 2, "step": 3, "epsilon": 1.0 / 3.0, "mi": 0.4, "test_accuracy": 0.625, "noise_multiplier": 1.0},
 ]
 
 
@@ -60,7 +79,8 @@ def test_offline_run_holds_the_jsonl_values(tmp_path):
                 assert wandb_key(field) not in row
             else:
                 assert row[wandb_key(field)] == pytest.approx(value, rel=1e-12)
-    assert rows[2]["leakage/mi"] == 0.4 and rows[3]["control/error"] == -0.1
+    assert rows[2]["leakage/mi"] == 0.4 and rows[3]["control/error"] == -0.1 and "leakage/mi" not in rows[3]
+    assert rows[2]["leakage/critic_gap"] == 0.3 and rows[2]["train/audit_loss"] == 2.2
     assert rows[2]["test/accuracy"] == 0.5 and rows[3]["test/accuracy"] == 0.625
     # table, scatter chart and image land on the last optimizer step, not on a step of their own
     assert max(rows) == 3

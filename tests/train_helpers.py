@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from adaptive_dp.cli import train as train_command
-from adaptive_dp.training.loop import TrainConfig
+from adaptive_dp.training.config import TrainConfig
 
 
 def run_cli(argv: list[str]) -> int:
@@ -17,7 +17,8 @@ def run_cli(argv: list[str]) -> int:
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
     """A one-epoch digits run on the CPU without W&B, writing into ``tmp_path``; ``overrides`` win."""
-    options = dict(dataset="digits", epochs=1, batch_size=128, wandb_mode="disabled", out=str(tmp_path),
-                   device="cpu")
+    options = dict(
+        dataset="digits", epochs=1, batch_size=128, wandb_mode="disabled", out=str(tmp_path), device="cpu"
+    )
     options.update(overrides)
     return TrainConfig(**options)

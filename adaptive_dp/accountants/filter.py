@@ -1,6 +1,6 @@
 """A hard ε budget for an adaptively chosen noise multiplier: the Rényi filter.
 
-Why the accounting stays sound (DESIGN.md). Composition theorems that add up per-step privacy costs assume the
+Why the accounting stays sound (docs/accounting.md). Composition theorems that add up per-step privacy costs assume the
 costs are fixed in advance. When the noise multiplier σ_t of step t is chosen from earlier outputs (a
 controller reading leakage measured on the public audit split after the model update θ_t), the sum of the
 realised per-step RDP is only an *odometer* reading, not a guarantee. What is valid for such fully adaptive

@@ -14,7 +14,7 @@ and charging each group at its smallest σ, so the figure is an upper bound of t
 
 ``get_epsilon(δ)`` composes the σ history that was used (an *odometer* reading). With σ chosen adaptively
 from earlier outputs, the formal guarantee comes from the Rényi filter in :mod:`adaptive_dp.accountants.filter`, not from
-this sum (see that module and DESIGN.md "Why the accounting stays sound").
+this sum (see that module and docs/accounting.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
@@ -528,13 +527,3 @@ def prv_epsilon(
     accountant.history = [(sigma, q, int(n)) for (q, _), (sigma, n) in sorted(cells.items())]
     with np.errstate(divide="ignore", invalid="ignore"):  # opacus' PRV takes log(1 - q) = log(0) at q = 1
         return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
-
-
-def __getattr__(name: str) -> Any:
-    # The filter lives in adaptive_dp.accountants.filter (which imports this module); re-exported here lazily because
-    # ``adaptive_dp.PrivacyBudgetExhausted`` is looked up in this module.
-    if name in ("PrivacyBudgetExhausted", "RenyiFilter"):
-        from adaptive_dp.accountants import filter as budget_filter
-
-        return getattr(budget_filter, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

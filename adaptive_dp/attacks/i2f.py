@@ -12,7 +12,7 @@ A large value means the noise moves the best reconstruction far from the private
 Units: L2 distance in the data's own [0, 1] pixel range, summed over the D = C·H·W pixels of the batch.
 
 Here g is the gradient DP-SGD releases — the sum of per-sample gradients clipped to ``max_grad_norm``
-(:func:`adaptive_dp.attacks.gradient_function`) — so J includes the clipping. All products with J use
+(:func:`adaptive_dp.attacks.release.gradient_function`) — so J includes the clipping. All products with J use
 ``torch.func``: Jδ = a VJP of g with cotangent δ (one double backward), Jᵀv = the JVP of g (as a VJP of that VJP),
 JJᵀv = both. λ_max(JJᵀ) comes from Lanczos (``scipy.sparse.linalg.eigsh`` on a float64
 ``LinearOperator``), ‖(JJᵀ + εI)⁻¹Jδ‖ from conjugate gradients (``scipy.sparse.linalg.cg``), and for
@@ -31,12 +31,12 @@ from scipy.sparse.linalg import LinearOperator, cg, eigsh
 from torch import Tensor, nn
 from torch.func import jacfwd, vjp
 
-from adaptive_dp.attacks.inversion import (
-    _as_targets,
-    _check_sigma,
-    _num_classes,
+from adaptive_dp.attacks.release import (
+    as_targets,
     check_images,
+    check_sigma,
     gradient_function,
+    num_classes_of,
 )
 
 __all__ = [
@@ -89,10 +89,12 @@ class GradientJacobian:
         ValueError: for bad images/labels or a GradSampleModule.
     """
 
-    def __init__(self, model: nn.Module, images: Tensor, labels: Tensor, *, max_grad_norm: float | None) -> None:
+    def __init__(
+        self, model: nn.Module, images: Tensor, labels: Tensor, *, max_grad_norm: float | None
+    ) -> None:
         check_images(images)
         self.shape = tuple(images.shape)
-        targets = _as_targets(labels.to(images.device), images.shape[0], _num_classes(model, images))
+        targets = as_targets(labels.to(images.device), images.shape[0], num_classes_of(model, images))
         fn = gradient_function(model, max_grad_norm=max_grad_norm)
 
         def released(x_flat: Tensor) -> Tensor:
@@ -171,7 +173,9 @@ def lambda_max(jac: GradientJacobian, *, tol: float = 1e-6, ncv: int = 8, seed: 
 def _check_delta(jac: GradientJacobian, delta: Tensor) -> None:
     if not isinstance(delta, Tensor) or delta.dim() != 1 or delta.numel() != jac.num_params:
         shape = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
-        raise ValueError(f"delta must be a flat [P={jac.num_params}] tensor (the gradient noise), got {shape}")
+        raise ValueError(
+            f"delta must be a flat [P={jac.num_params}] tensor (the gradient noise), got {shape}"
+        )
 
 
 def i2f_lower_bound(
@@ -248,7 +252,9 @@ def i2f(
     op = jac.jjt_operator(damping=damping * lam)
     solution, info = cg(op, b.cpu().numpy(), rtol=rtol, maxiter=maxiter)
     if info > 0:
-        raise RuntimeError(f"conjugate gradients did not converge in {info} iterations; raise damping or maxiter")
+        raise RuntimeError(
+            f"conjugate gradients did not converge in {info} iterations; raise damping or maxiter"
+        )
     value = float(np.linalg.norm(solution))
     return I2FReading("i2f", value, 0.0, images.shape[0], time.perf_counter() - start, lam, float(b.norm()))
 
@@ -284,7 +290,7 @@ def expected_i2f_lower_bound(
     Raises:
         ValueError: for σ < 0, probes < 2, bad images or labels.
     """
-    _check_sigma(noise_multiplier)
+    check_sigma(noise_multiplier)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
         raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
     start = time.perf_counter()

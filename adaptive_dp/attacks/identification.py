@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from adaptive_dp.attacks.inversion import _check_sigma, clipped_per_sample_gradients
+from adaptive_dp.attacks.release import check_sigma, clipped_per_sample_gradients
 
 __all__ = ["IdentificationResult", "identification_attack", "identification_curve", "identify"]
 
@@ -74,7 +74,9 @@ def identify(released: Tensor, candidate_gradients: Tensor) -> Tensor:
             "compute both on the same model"
         )
     # ‖a − b‖² = ‖a‖² − 2 a·b + ‖b‖²; the ‖a‖² term is shared by every candidate of a row.
-    scores = 2.0 * released.double() @ candidate_gradients.double().T - candidate_gradients.double().pow(2).sum(1)
+    scores = 2.0 * released.double() @ candidate_gradients.double().T - candidate_gradients.double().pow(
+        2
+    ).sum(1)
     return scores.argmax(dim=1)
 
 
@@ -119,7 +121,7 @@ def identification_curve(
     if not sigmas:
         raise ValueError("noise_multipliers is empty")
     for s in sigmas:
-        _check_sigma(s)
+        check_sigma(s)
     if images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(f"images must be [N, C, H, W] with N >= 2 candidates, got {tuple(images.shape)}")
     clean = clipped_per_sample_gradients(model, images, labels, max_grad_norm=max_grad_norm)

@@ -19,7 +19,9 @@ __all__ = ["ReconstructionQuality", "evaluate_reconstructions", "mse", "psnr", "
 DEFAULT_SSIM_WINDOW = 7
 
 
-def _to_numpy_pair(reconstruction: Tensor, original: Tensor, data_range: float) -> tuple[np.ndarray, np.ndarray]:
+def _to_numpy_pair(
+    reconstruction: Tensor, original: Tensor, data_range: float
+) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(reconstruction, Tensor) or not isinstance(original, Tensor):
         raise TypeError("reconstruction and original must be torch tensors")
     if reconstruction.shape != original.shape:

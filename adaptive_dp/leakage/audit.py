@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-__all__ = ["carve_audit_split", "rebuild_loader", "as_audit_dataset", "audit_indices"]
+__all__ = ["as_audit_dataset", "audit_indices", "audit_tensors", "carve_audit_split", "rebuild_loader"]
 
 
 def as_audit_dataset(audit_data: Any) -> Dataset:
@@ -35,7 +35,11 @@ def as_audit_dataset(audit_data: Any) -> Dataset:
         audit_data = audit_data.dataset
     if isinstance(audit_data, torch.Tensor):
         audit_data = (audit_data, torch.zeros(len(audit_data), dtype=torch.long, device=audit_data.device))
-    if isinstance(audit_data, (tuple, list)) and audit_data and all(isinstance(t, torch.Tensor) for t in audit_data):
+    if (
+        isinstance(audit_data, (tuple, list))
+        and audit_data
+        and all(isinstance(t, torch.Tensor) for t in audit_data)
+    ):
         lengths = {len(t) for t in audit_data}
         if len(lengths) != 1:
             raise ValueError(
@@ -51,6 +55,33 @@ def as_audit_dataset(audit_data: Any) -> Dataset:
     if len(audit_data) == 0:  # type: ignore[arg-type]
         raise ValueError("audit_data is empty; pass at least 2 audit examples or use audit_fraction > 0")
     return audit_data
+
+
+def audit_tensors(audit_data: Any, *, max_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``max_examples`` audit examples as two tensors, after :func:`as_audit_dataset`'s checks.
+
+    Args:
+        audit_data: anything :func:`as_audit_dataset` accepts.
+        max_examples: cap on N (None: all).
+
+    Returns:
+        ``(x [N, ...], y [N, ...])``. Tensors given as ``(x, y)`` (or a ``TensorDataset``) are sliced as they
+        are; items of another Dataset are stacked, scalar labels as a long tensor [N].
+
+    Raises:
+        ValueError: as :func:`as_audit_dataset`.
+    """
+    dataset = as_audit_dataset(audit_data)
+    n = len(dataset) if max_examples is None else min(len(dataset), int(max_examples))
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        x, y = dataset.tensors[:2]
+        return x[:n], y[:n]
+    items = [dataset[i] for i in range(n)]
+    xs = torch.stack([torch.as_tensor(item[0]) for item in items])
+    labels = [torch.as_tensor(item[1]) for item in items]
+    if all(t.dim() == 0 for t in labels):
+        return xs, torch.stack(labels).long()
+    return xs, torch.stack(labels)
 
 
 def audit_indices(subset: Subset) -> list[int]:
@@ -116,7 +147,9 @@ def carve_audit_split(
         ValueError: if ``fraction`` is not in (0, 1) or the split leaves fewer than 2 audit examples.
     """
     if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"audit_fraction must be in (0, 1), got {fraction!r}; use 0/None to turn the monitor off")
+        raise ValueError(
+            f"audit_fraction must be in (0, 1), got {fraction!r}; use 0/None to turn the monitor off"
+        )
     from adaptive_dp.data.datasets import audit_split
 
     train_subset, audit_subset = audit_split(data_loader.dataset, fraction=float(fraction), seed=seed)

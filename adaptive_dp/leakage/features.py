@@ -67,7 +67,7 @@ def default_feature_layers(model: nn.Module, example: Tensor, *, max_layers: int
         if len(shape) == 3 and shape[1] * shape[2] > 1 and not pooling:
             last_of_shape[shape] = i
     stage_ends = sorted(last_of_shape.values())
-    chosen = [records[i][0] for i in stage_ends][-(max(1, max_layers - 1)):]
+    chosen = [records[i][0] for i in stage_ends][-(max(1, max_layers - 1)) :]
     # Penultimate: the last 1-D output produced before the final Linear is called.
     linear_calls = [i for i, (_, _, m) in enumerate(records) if isinstance(m, nn.Linear)]
     if linear_calls:
@@ -112,8 +112,15 @@ class FeatureExtractor:
         ValueError: an unknown layer name, an empty layer list, or a bad size.
     """
 
-    def __init__(self, model: nn.Module, *, layers: Sequence[str] | None = None, pooled_size: int = 2,
-                 input_size: int = 4, max_layers: int = 4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Sequence[str] | None = None,
+        pooled_size: int = 2,
+        input_size: int = 4,
+        max_layers: int = 4,
+    ) -> None:
         if pooled_size < 1:
             raise ValueError(f"pooled_size must be >= 1, got {pooled_size}")
         if input_size < 0:
@@ -140,9 +147,11 @@ class FeatureExtractor:
     def _attach(self) -> None:
         modules = dict(self.model.named_modules())
         for name in self.layers or []:
+
             def hook(mod, inputs, output, _name=name):
                 if isinstance(output, Tensor):
                     self._captured[_name] = output.detach()
+
             self._handles.append(modules[name].register_forward_hook(hook))
 
     def _detach(self) -> None:

@@ -22,18 +22,29 @@ per parameter — and return tokens ``[B, dim]``:
   σ² per coordinate; this one keeps the leading part of it (all of it when dim ≥ N − 1), so the critic
   sees the signal-to-noise ratio of the full gradient.
 
-``TOKEN_ENCODERS`` maps names to classes; :func:`build_token_encoder` builds one.
+Encoders register themselves by name (:func:`register_token_encoder`); ``TOKEN_ENCODERS`` is that registry,
+the one list of encoder names, and :func:`build_token_encoder` builds one. The fixed first-stage reductions
+live in :mod:`adaptive_dp.leakage.sketches`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from adaptive_dp.leakage.sketches import (
+    DEFAULT_MAX_CHUNK_ELEMENTS,
+    LayerSketch,
+    chunked_gaussian_gram,
+    chunked_gaussian_projection,
+    mixed_seed,
+    validate_layer_shapes,
+)
 
 __all__ = [
     "TOKEN_ENCODERS",
@@ -46,88 +57,8 @@ __all__ = [
     "build_token_encoder",
     "chunked_gaussian_gram",
     "chunked_gaussian_projection",
+    "register_token_encoder",
 ]
-
-#: Largest number of projection-matrix entries generated at once (16 MiB of float32).
-DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
-
-
-def _mixed_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys (numpy SeedSequence; touches no global RNG)."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def chunked_gaussian_projection(
-    flat: Tensor, *, out_dim: int, seed: int, key: int = 0, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
-) -> Tensor:
-    """``flat @ R`` for a seeded Gaussian ``R`` [P, out_dim] with N(0, 1/out_dim) entries, never held whole.
-
-    ``R`` is generated ``max_chunk_elements // out_dim`` rows at a time from a ``torch.Generator`` on
-    ``flat``'s device seeded by ``(seed, key, first row)``, so peak extra memory is one chunk and the result
-    is deterministic for a seed on a given device type (CPU and CUDA generators give different streams).
-    E‖flat @ R‖² = ‖flat‖² (Johnson & Lindenstrauss 1984; Achlioptas 2003).
-
-    Args:
-        flat: [B, P] float tensor.
-        out_dim: number of output coordinates, ≥ 1.
-        seed: the encoder's seed.
-        key: distinguishes independent matrices under one seed (e.g. the layer index).
-        max_chunk_elements: cap on the entries of ``R`` generated at once.
-
-    Returns:
-        [B, out_dim] tensor on ``flat``'s device and dtype.
-
-    Raises:
-        ValueError: if ``flat`` is not 2-D or ``out_dim`` < 1.
-    """
-    if flat.dim() != 2:
-        raise ValueError(f"flat must be [B, P], got shape {tuple(flat.shape)}")
-    if out_dim < 1:
-        raise ValueError(f"out_dim must be >= 1, got {out_dim}")
-    rows = max(1, max_chunk_elements // out_dim)
-    out = flat.new_zeros(flat.shape[0], out_dim)
-    generator = torch.Generator(device=flat.device)
-    for start in range(0, flat.shape[1], rows):
-        stop = min(start + rows, flat.shape[1])
-        generator.manual_seed(_mixed_seed(seed, key, start))
-        block = torch.randn(stop - start, out_dim, generator=generator, device=flat.device, dtype=flat.dtype)
-        out.addmm_(flat[:, start:stop], block)
-    return out / math.sqrt(out_dim)
-
-
-def chunked_gaussian_gram(
-    rows: int, *, out_dim: int, seed: int, key: int = 0, device: torch.device | str = "cpu",
-    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-) -> Tensor:
-    """RᵀR for the ``R`` [rows, out_dim] of :func:`chunked_gaussian_projection` (same seed, key, device).
-
-    The covariance of ``ξ @ R`` for ξ ~ N(0, I_rows) — what isotropic gradient noise becomes after the
-    projection — so noise can be sampled directly in the projected space. Built chunk by chunk in float64.
-
-    Returns:
-        [out_dim, out_dim] float64 tensor on ``device``.
-    """
-    device = torch.device(device)
-    chunk = max(1, max_chunk_elements // out_dim)
-    gram = torch.zeros(out_dim, out_dim, dtype=torch.float64, device=device)
-    generator = torch.Generator(device=device)
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        generator.manual_seed(_mixed_seed(seed, key, start))
-        block = torch.randn(stop - start, out_dim, generator=generator, device=device).double()
-        gram += block.T @ block
-    return gram / out_dim
-
-
-def _validate_layer_shapes(layer_shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    shapes = [tuple(int(s) for s in shape) for shape in layer_shapes]
-    if not shapes:
-        raise ValueError("layer_shapes is empty: pass the shapes of the trainable parameters, e.g. "
-                         "[p.shape for p in model.parameters() if p.requires_grad]")
-    for shape in shapes:
-        if any(s < 1 for s in shape):
-            raise ValueError(f"layer shape {shape} has a non-positive size")
-    return shapes
 
 
 class TokenEncoder(nn.Module):
@@ -141,6 +72,8 @@ class TokenEncoder(nn.Module):
     Subclasses implement :meth:`forward`; trainable ones also :meth:`fit`.
     """
 
+    #: The registry name (set by :func:`register_token_encoder`).
+    name: str = ""
     #: Whether :meth:`fit` changes the encoder.
     trainable: bool = False
 
@@ -148,7 +81,7 @@ class TokenEncoder(nn.Module):
         super().__init__()
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        self.layer_shapes = _validate_layer_shapes(layer_shapes)
+        self.layer_shapes = validate_layer_shapes(layer_shapes)
         self.dim = int(dim)
         # a buffer, so that load_state_dict restores the projections along with the weights
         self.register_buffer("projection_seed", torch.tensor(int(seed), dtype=torch.long))
@@ -169,7 +102,9 @@ class TokenEncoder(nn.Module):
         batch = grads[0].shape[0] if grads[0].dim() > 0 else -1
         for i, (g, shape) in enumerate(zip(grads, self.layer_shapes)):
             if tuple(g.shape[1:]) != shape or g.shape[0] != batch:
-                raise ValueError(f"gradient {i} has shape {tuple(g.shape)}, expected [B, *{shape}] with B = {batch}")
+                raise ValueError(
+                    f"gradient {i} has shape {tuple(g.shape)}, expected [B, *{shape}] with B = {batch}"
+                )
         if batch < 1:
             raise ValueError("empty batch: no per-sample gradients to tokenise")
         return batch
@@ -208,6 +143,32 @@ class TokenEncoder(nn.Module):
         raise NotImplementedError
 
 
+#: Registry of privacy-token encoders by name (filled by :func:`register_token_encoder`).
+TOKEN_ENCODERS: dict[str, type[TokenEncoder]] = {}
+
+_T = TypeVar("_T", bound=type[TokenEncoder])
+
+
+def register_token_encoder(name: str) -> Callable[[_T], _T]:
+    """Class decorator: register a :class:`TokenEncoder` subclass under ``name`` (sets ``cls.name``).
+
+    Raises:
+        ValueError: if ``name`` is already taken by another class.
+    """
+
+    def decorate(cls: _T) -> _T:
+        if TOKEN_ENCODERS.get(name, cls) is not cls:
+            raise ValueError(
+                f"token encoder name {name!r} is already registered to {TOKEN_ENCODERS[name].__name__}"
+            )
+        cls.name = name
+        TOKEN_ENCODERS[name] = cls
+        return cls
+
+    return decorate
+
+
+@register_token_encoder("projection")
 class ProjectionTokenEncoder(TokenEncoder):
     """Seeded layer-wise Gaussian random projection to ``dim`` numbers (training-free baseline).
 
@@ -235,7 +196,10 @@ class ProjectionTokenEncoder(TokenEncoder):
         out = None
         for layer, g in enumerate(grads):
             part = chunked_gaussian_projection(
-                g.reshape(batch, -1), out_dim=self.dim, seed=self.seed, key=layer,
+                g.reshape(batch, -1),
+                out_dim=self.dim,
+                seed=self.seed,
+                key=layer,
                 max_chunk_elements=self.max_chunk_elements,
             )
             out = part if out is None else out + part
@@ -245,98 +209,16 @@ class ProjectionTokenEncoder(TokenEncoder):
         """Σ_l R_lᵀR_l, [dim, dim] float64 (see :meth:`TokenEncoder.noise_covariance`)."""
         total = None
         for layer, shape in enumerate(self.layer_shapes):
-            gram = chunked_gaussian_gram(math.prod(shape), out_dim=self.dim, seed=self.seed, key=layer,
-                                         device=device, max_chunk_elements=self.max_chunk_elements)
+            gram = chunked_gaussian_gram(
+                math.prod(shape),
+                out_dim=self.dim,
+                seed=self.seed,
+                key=layer,
+                device=device,
+                max_chunk_elements=self.max_chunk_elements,
+            )
             total = gram if total is None else total + gram
         return total
-
-
-class LayerSketch(nn.Module):
-    """Fixed per-layer reduction: each layer → at most ``layer_dim`` numbers (exact when it is smaller).
-
-    Layers with P_l ≤ ``layer_dim`` are kept as they are. Larger ones are sketched to ``layer_dim`` numbers:
-
-    - ``method="countsketch"`` (default): coordinate i goes to bucket h(i) with sign s(i), both seeded
-      (Charikar et al. 2002; the sparse Johnson–Lindenstrauss transform): O(P) time, P integers of state,
-      and the sketch of N(0, I) noise has the exact diagonal covariance diag(bucket sizes);
-    - ``method="gaussian"``: :func:`chunked_gaussian_projection` (dense JL, regenerated chunk by chunk).
-
-    Both preserve squared norms in expectation.
-
-    Args:
-        layer_shapes: parameter shapes.
-        layer_dim: the largest chunk size kept per layer.
-        seed: seed of the sketches.
-        method: ``"countsketch"`` or ``"gaussian"``.
-
-    Attributes:
-        sizes: the number of outputs per layer.
-    """
-
-    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], layer_dim: int = 64, seed: int = 0,
-                 method: str = "countsketch", max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
-        super().__init__()
-        if method not in ("countsketch", "gaussian"):
-            raise ValueError(f"method must be 'countsketch' or 'gaussian', got {method!r}")
-        if layer_dim < 1:
-            raise ValueError(f"layer_dim must be >= 1, got {layer_dim}")
-        self.layer_shapes = _validate_layer_shapes(layer_shapes)
-        self.layer_dim = int(layer_dim)
-        self.method = method
-        self.register_buffer("projection_seed", torch.tensor(int(seed), dtype=torch.long))
-        self.max_chunk_elements = int(max_chunk_elements)
-        self.sizes = [min(math.prod(s), self.layer_dim) for s in self.layer_shapes]
-        self._hashes: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    @property
-    def seed(self) -> int:
-        """The seed of the per-layer projections (restored by ``load_state_dict``)."""
-        return int(self.projection_seed)
-
-    def _hash(self, layer: int, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(bucket [P_l] long, sign [P_l] float) of one layer; generated on the CPU (same on every device)."""
-        key = (layer, self.seed, str(device))
-        if key not in self._hashes:
-            g = torch.Generator().manual_seed(_mixed_seed(self.seed, 2_000 + layer))
-            bucket = torch.randint(self.layer_dim, (size,), generator=g)
-            sign = torch.randint(2, (size,), generator=g).float().mul_(2).sub_(1)
-            self._hashes[key] = (bucket.to(device), sign.to(device))
-        return self._hashes[key]
-
-    def forward(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """Per-layer sketches, a list of [B, sizes[l]] tensors."""
-        out = []
-        for layer, g in enumerate(grads):
-            flat = g.reshape(g.shape[0], -1)
-            if flat.shape[1] <= self.layer_dim:
-                out.append(flat)
-            elif self.method == "countsketch":
-                bucket, sign = self._hash(layer, flat.shape[1], flat.device)
-                sketch = flat.new_zeros(flat.shape[0], self.layer_dim)
-                out.append(sketch.index_add_(1, bucket, flat * sign.to(flat.dtype)))
-            else:
-                out.append(chunked_gaussian_projection(
-                    flat, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
-                    max_chunk_elements=self.max_chunk_elements,
-                ))
-        return out
-
-    def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
-        """Block-diagonal [K, K] float64 covariance of the sketch of N(0, I_P) noise."""
-        device = torch.device(device)
-        blocks = []
-        for layer, shape in enumerate(self.layer_shapes):
-            size = math.prod(shape)
-            if size <= self.layer_dim:
-                blocks.append(torch.eye(size, dtype=torch.float64, device=device))
-            elif self.method == "countsketch":
-                bucket, _ = self._hash(layer, size, device)
-                counts = torch.bincount(bucket, minlength=self.layer_dim).double()
-                blocks.append(torch.diag(counts))
-            else:
-                blocks.append(chunked_gaussian_gram(size, out_dim=self.layer_dim, seed=self.seed, key=1_000 + layer,
-                                                    device=device, max_chunk_elements=self.max_chunk_elements))
-        return torch.block_diag(*blocks)
 
 
 class _DenoisingEncoder(TokenEncoder):
@@ -346,7 +228,9 @@ class _DenoisingEncoder(TokenEncoder):
 
     def __init__(self, *, layer_shapes, dim, seed, layer_dim, lr, sketch) -> None:
         super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
-        self.sketch = LayerSketch(layer_shapes=self.layer_shapes, layer_dim=layer_dim, seed=seed, method=sketch)
+        self.sketch = LayerSketch(
+            layer_shapes=self.layer_shapes, layer_dim=layer_dim, seed=seed, method=sketch
+        )
         total = sum(self.sketch.sizes)
         # Running RMS of the noisy input per coordinate: keeps the network's input O(1) whatever σ is.
         self.register_buffer("input_scale", torch.ones(total))
@@ -355,7 +239,7 @@ class _DenoisingEncoder(TokenEncoder):
         self._optimizer: torch.optim.Optimizer | None = None
 
     def _init_weights(self) -> None:
-        generator = torch.Generator().manual_seed(_mixed_seed(self.seed, 7))
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, 7))
         for p in self.parameters():
             if p.dim() >= 2:
                 bound = 1.0 / math.sqrt(p.shape[1])
@@ -419,6 +303,7 @@ class _DenoisingEncoder(TokenEncoder):
         return None if loss is None else float(loss.detach())
 
 
+@register_token_encoder("autoencoder")
 class AutoencoderTokenEncoder(_DenoisingEncoder):
     """Denoising autoencoder over per-layer chunks (the privacy-token extractor of Meng et al. 2025).
 
@@ -436,9 +321,20 @@ class AutoencoderTokenEncoder(_DenoisingEncoder):
         lr: Adam learning rate of :meth:`fit`.
     """
 
-    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
-                 layer_dim: int = 256, hidden: int = 128, lr: float = 1e-3, sketch: str = "countsketch") -> None:
-        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch)
+    def __init__(
+        self,
+        *,
+        layer_shapes: Sequence[Sequence[int]],
+        dim: int = 64,
+        seed: int = 0,
+        layer_dim: int = 256,
+        hidden: int = 128,
+        lr: float = 1e-3,
+        sketch: str = "countsketch",
+    ) -> None:
+        super().__init__(
+            layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch
+        )
         total = sum(self.sketch.sizes)
         self.encoder = nn.Sequential(nn.Linear(total, hidden), nn.GELU(), nn.Linear(hidden, self.dim))
         self.decoder = nn.Linear(self.dim, total)
@@ -448,6 +344,7 @@ class AutoencoderTokenEncoder(_DenoisingEncoder):
         return self.encoder(z)
 
 
+@register_token_encoder("transformer")
 class TransformerTokenEncoder(_DenoisingEncoder):
     """Layers as a sequence: per-layer chunks + layer embeddings → small transformer → pooled token.
 
@@ -460,17 +357,30 @@ class TransformerTokenEncoder(_DenoisingEncoder):
     Source: the transformer variant of the privacy-token extractor (Meng et al. 2025); Vaswani et al. 2017.
     """
 
-    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
-                 layer_dim: int = 256, width: int = 32, heads: int = 4, depth: int = 2,
-                 lr: float = 1e-3, sketch: str = "countsketch") -> None:
-        super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch)
+    def __init__(
+        self,
+        *,
+        layer_shapes: Sequence[Sequence[int]],
+        dim: int = 64,
+        seed: int = 0,
+        layer_dim: int = 256,
+        width: int = 32,
+        heads: int = 4,
+        depth: int = 2,
+        lr: float = 1e-3,
+        sketch: str = "countsketch",
+    ) -> None:
+        super().__init__(
+            layer_shapes=layer_shapes, dim=dim, seed=seed, layer_dim=layer_dim, lr=lr, sketch=sketch
+        )
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
         layers = len(self.layer_shapes)
         self.embed = nn.Linear(layer_dim, width)
         self.layer_embedding = nn.Parameter(torch.zeros(layers, width))
-        block = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=2 * width,
-                                           dropout=0.0, batch_first=True)
+        block = nn.TransformerEncoderLayer(
+            d_model=width, nhead=heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True
+        )
         self.transformer = nn.TransformerEncoder(block, num_layers=depth, enable_nested_tensor=False)
         self.head = nn.Linear(width, self.dim)
         self.decoder = nn.Linear(self.dim, sum(self.sketch.sizes))
@@ -479,7 +389,7 @@ class TransformerTokenEncoder(_DenoisingEncoder):
             for m in self.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.weight.fill_(1.0)
-            g = torch.Generator().manual_seed(_mixed_seed(self.seed, 11))
+            g = torch.Generator().manual_seed(mixed_seed(self.seed, 11))
             self.layer_embedding.copy_(torch.randn(layers, width, generator=g) * 0.1)
 
     def _encode(self, z: Tensor) -> Tensor:
@@ -489,6 +399,7 @@ class TransformerTokenEncoder(_DenoisingEncoder):
         return self.head(h.mean(dim=1))
 
 
+@register_token_encoder("span")
 class SpanTokenEncoder(TokenEncoder):
     """Orthonormal projection onto the leading principal directions of the clean audit gradients.
 
@@ -523,8 +434,9 @@ class SpanTokenEncoder(TokenEncoder):
                 [2., 0.]])
     """
 
-    def __init__(self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0,
-                 rel_eps: float = 1e-9) -> None:
+    def __init__(
+        self, *, layer_shapes: Sequence[Sequence[int]], dim: int = 64, seed: int = 0, rel_eps: float = 1e-9
+    ) -> None:
         super().__init__(layer_shapes=layer_shapes, dim=dim, seed=seed)
         if not 0.0 <= float(rel_eps) < 1.0:
             raise ValueError(f"rel_eps must lie in [0, 1), got {rel_eps}")
@@ -577,8 +489,9 @@ class SpanTokenEncoder(TokenEncoder):
             RuntimeError: before :meth:`set_basis`.
         """
         if self._coef is None:
-            raise RuntimeError("SpanTokenEncoder.reduce before set_basis: fit the basis to the clean audit "
-                               "gradients first")
+            raise RuntimeError(
+                "SpanTokenEncoder.reduce before set_basis: fit the basis to the clean audit gradients first"
+            )
         self.check_grads(grads)
         device = grads[0].device
         self._clean = [c.to(device) for c in self._clean]  # type: ignore[union-attr]
@@ -587,15 +500,6 @@ class SpanTokenEncoder(TokenEncoder):
     def noise_covariance(self, device: torch.device | str = "cpu") -> Tensor:
         """I_dim (float64): the basis is orthonormal, so unit isotropic noise stays unit isotropic."""
         return torch.eye(self.dim, dtype=torch.float64, device=device)
-
-
-#: Registry of privacy-token encoders by name.
-TOKEN_ENCODERS: dict[str, type[TokenEncoder]] = {
-    "projection": ProjectionTokenEncoder,
-    "span": SpanTokenEncoder,
-    "autoencoder": AutoencoderTokenEncoder,
-    "transformer": TransformerTokenEncoder,
-}
 
 
 def build_token_encoder(

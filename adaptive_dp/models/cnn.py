@@ -4,7 +4,7 @@ Every model here uses GroupNorm (or no normalisation), never BatchNorm, so that 
 per-sample gradients (BatchNorm mixes the examples of a batch, which breaks both per-sample gradients and
 the DP guarantee). :func:`build_model` checks this with ``opacus.validators.ModuleValidator``.
 
-Names (``MODELS``):
+Names (``MODELS``, filled by each class's :func:`register_model` decorator):
 
 - ``"small-cnn"`` — a small tanh CNN for 8×8, 28×28 and 32×32 inputs (adaptive pooling); the default.
 - ``"tanh-cnn"`` — the CIFAR-10 CNN of Papernot et al. 2021 ("Tempered Sigmoid Activations for Deep
@@ -17,6 +17,7 @@ Names (``MODELS``):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ __all__ = [
     "SmallCNN",
     "TanhCNN",
     "build_model",
-    "count_parameters",
+    "register_model",
     "validate_model",
 ]
 
@@ -40,7 +41,36 @@ DEFAULT_MODEL = "small-cnn"
 #: Private Image Classification through Scale", use 16 groups); capped at the channel count.
 GROUPNORM_GROUPS = 16
 
+ModelBuilder = Callable[..., nn.Module]
+Builder = TypeVar("Builder", bound=ModelBuilder)
 
+#: ``--model`` name → class taking keyword arguments ``in_channels``, ``num_classes``, ``image_size``
+#: (filled by :func:`register_model`; the CLI's ``--model`` choices).
+MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a model class (or factory) under ``name`` in :data:`MODELS`.
+
+    The class must accept the keyword arguments ``in_channels``, ``num_classes`` and ``image_size`` and
+    map [B, in_channels, image_size, image_size] float inputs to [B, num_classes] logits; it must be
+    trainable by opacus (no BatchNorm: :func:`build_model` runs :func:`validate_model`).
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        if name in MODELS:
+            taken_by = getattr(MODELS[name], "__name__", MODELS[name])
+            raise ValueError(f"model name {name!r} already registered ({taken_by}); pick another name")
+        MODELS[name] = builder
+        return builder
+
+    return decorator
+
+
+@register_model("small-cnn")
 class SmallCNN(nn.Module):
     """A small tanh CNN for any image size ≥ 4 (8×8 digits, 28×28 MNIST, 32×32 CIFAR-10).
 
@@ -74,6 +104,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+@register_model("tanh-cnn")
 class TanhCNN(nn.Module):
     """The CIFAR-10 CNN of Papernot et al. 2021 (Table 1 of "Tempered Sigmoid Activations ..."), tanh.
 
@@ -147,6 +178,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self._shortcut(x))
 
 
+@register_model("resnet20")
 class ResNet20(nn.Module):
     """ResNet-20 for CIFAR (He et al. 2016, "Deep Residual Learning", Sec. 4.2) with GroupNorm.
 
@@ -191,6 +223,7 @@ def _same_pad_conv_out(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
+@register_model("lenet")
 class DLGLeNet(nn.Module):
     """The sigmoid LeNet of DLG (Zhu et al. 2019, "Deep Leakage from Gradients", their reference code).
 
@@ -225,17 +258,6 @@ class DLGLeNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(torch.flatten(self.body(x), 1))
-
-
-ModelBuilder = Callable[..., nn.Module]
-
-#: ``--model`` name → class taking keyword arguments ``in_channels``, ``num_classes``, ``image_size``.
-MODELS: dict[str, ModelBuilder] = {
-    "small-cnn": SmallCNN,
-    "tanh-cnn": TanhCNN,
-    "resnet20": ResNet20,
-    "lenet": DLGLeNet,
-}
 
 
 def validate_model(model: nn.Module) -> None:
@@ -277,7 +299,7 @@ def build_model(
     """Build a registered model, initialised from ``seed`` when given, and check it with opacus.
 
     Args:
-        name: one of ``MODELS`` ("small-cnn", "tanh-cnn", "resnet20", "lenet").
+        name: a registered name (``MODELS``: "small-cnn", "tanh-cnn", "resnet20", "lenet").
         in_channels: image channels (1 for MNIST/digits, 3 for CIFAR-10).
         num_classes: number of output logits; ≥ 1.
         image_size: side length H = W of the square input images (8, 28 or 32 here).
@@ -306,8 +328,3 @@ def build_model(
             model = builder(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     validate_model(model)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

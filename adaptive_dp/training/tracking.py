@@ -2,8 +2,10 @@
 
 Every optimizer step becomes one JSON line in ``OUT/history.jsonl`` (flushed at once, so a crash loses
 nothing) and one ``wandb.log`` call under clear keys (``privacy/epsilon``, ``privacy/noise_multiplier``,
-``leakage/mi``, ``train/loss`` ...). Per-epoch records feed a ``wandb.Table`` (epoch, ε, MI, test accuracy, σ)
-logged at the end with a scatter chart of test accuracy against ε, the privacy-utility trade-off.
+``leakage/mi``, ``train/audit_loss`` ...). Per-epoch records add their test metrics at the epoch's last step
+and feed a ``wandb.Table`` (epoch, ε, MI, test accuracy, σ) logged at the end with a scatter chart of test
+accuracy against ε, the privacy-utility trade-off. The tracker logs what it is given: which fields a record
+holds (the private training-batch metrics only on request) is decided in :mod:`adaptive_dp.training.records`.
 
 W&B is a convenience, never a dependency of the training run: every W&B call is wrapped, a failure is
 logged once per kind (``logging.warning``) and training goes on; the JSONL file and ``summary.json`` are
@@ -20,10 +22,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from adaptive_dp.training.config import WANDB_MODES
 
-#: W&B modes a user can ask for.
-WANDB_MODES = ("offline", "online", "disabled")
+logger = logging.getLogger(__name__)
 
 #: record field -> W&B history key. Fields not listed go under ``train/<field>``; keys that already hold a
 #: ``/`` are logged as they are.
@@ -34,9 +35,10 @@ WANDB_KEYS: dict[str, str] = {
     "sample_rate": "privacy/sample_rate",
     "delta": "privacy/delta",
     "mi": "leakage/mi",
-    "mi_gap": "leakage/mi_gap",
+    "critic_gap": "leakage/critic_gap",
     "mi_stderr": "leakage/mi_stderr",
     "controller_error": "control/error",
+    "audit_loss": "train/audit_loss",
     "loss": "train/loss",
     "epoch": "train/epoch",
     "lr": "train/lr",
@@ -47,6 +49,9 @@ WANDB_KEYS: dict[str, str] = {
     "epoch_time_s": "time/epoch_s",
 }
 
+#: fields of an epoch record logged to W&B at the epoch's last step (the others — ε, σ, the latest MI — are the
+#: step's own values or would overwrite them there; they go to the epoch table).
+EPOCH_WANDB_FIELDS = ("epoch", "test_accuracy", "test_loss", "train_loss", "epoch_time_s")
 #: columns of the per-epoch W&B table, in order.
 EPOCH_COLUMNS = ("epoch", "step", "epsilon", "mi", "test_accuracy", "noise_multiplier")
 
@@ -177,7 +182,6 @@ class Tracker:
         self.history_path = self.out_dir / "history.jsonl"
         self.summary_path = self.out_dir / "summary.json"
         self.epochs: list[dict[str, Any]] = []
-        self.steps_logged = 0
         self.last_step: int | None = None
         self._warned: set[str] = set()
         self._finished = False
@@ -210,8 +214,12 @@ class Tracker:
     def _warn(self, kind: str, exc: BaseException) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            logger.warning("W&B %s failed (training goes on; JSONL is still written): %s: %s",
-                           kind, type(exc).__name__, exc)
+            logger.warning(
+                "W&B %s failed (training goes on; JSONL is still written): %s: %s",
+                kind,
+                type(exc).__name__,
+                exc,
+            )
 
     def _call(self, kind: str, fn: Callable[[], Any]) -> Any:
         """Run one W&B call; a failure is logged once per ``kind`` and returns None."""
@@ -260,7 +268,6 @@ class Tracker:
         line = json.dumps(jsonable(record))
         self._jsonl.write(line + "\n")
         self._jsonl.flush()
-        self.steps_logged += 1
         self.last_step = step if self.last_step is None else max(self.last_step, step)
         if self.active:
             payload = _wandb_payload(record)
@@ -268,12 +275,12 @@ class Tracker:
 
     def log_epoch(self, record: Mapping[str, Any]) -> None:
         """Log one epoch's record (``epoch``, ``step``, ``epsilon``, ``mi``, ``test_accuracy``,
-        ``noise_multiplier``, ...): its numbers go to W&B at ``step`` (the last optimizer step of the epoch) and
-        the row is kept for the per-epoch table logged by :meth:`finish`."""
+        ``noise_multiplier``, ...): its :data:`EPOCH_WANDB_FIELDS` go to W&B at ``step`` (the last optimizer step
+        of the epoch) and the row is kept for the per-epoch table logged by :meth:`finish`."""
         row = jsonable(dict(record))
         self.epochs.append(row)
         if self.active:
-            payload = _wandb_payload(row)
+            payload = _wandb_payload({k: v for k, v in row.items() if k in EPOCH_WANDB_FIELDS})
             step = row.get("step")
             kwargs = self._step_kwargs(step if isinstance(step, int) else None)
             self._call("log", lambda: self.run.log(payload, **kwargs))
@@ -308,8 +315,9 @@ class Tracker:
 
         def log() -> None:
             table = wandb.Table(columns=columns, data=data)
-            chart = wandb.plot.scatter(table, "epsilon", "test_accuracy",
-                                       title="test accuracy vs ε (one point per epoch)")
+            chart = wandb.plot.scatter(
+                table, "epsilon", "test_accuracy", title="test accuracy vs ε (one point per epoch)"
+            )
             self.run.log({"epochs/table": table, "epochs/accuracy_vs_epsilon": chart}, **self._step_kwargs())
 
         self._call("table", log)
@@ -404,10 +412,15 @@ def read_wandb_records(path: str | os.PathLike, *, timeout: float = 60.0) -> lis
         raise FileNotFoundError(f"no W&B run at {path}: pass a run-*.wandb file or its offline-run-* folder")
     proc = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"`wandb leet inspect --json {path}` failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise RuntimeError(
+            f"`wandb leet inspect --json {path}` failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 

@@ -1,0 +1,244 @@
+"""The options of ``adaptive-dp train``: :class:`TrainConfig`, its validation, and the names each option accepts.
+
+Stdlib and the torch-free ``controllers`` package only, so that ``adaptive-dp --help`` builds its parser without
+importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from controllers import FEEDBACK, SCHEDULES
+
+#: devices ``--device`` accepts.
+DEVICES = ("auto", "cpu", "cuda")
+#: optimizers ``--optimizer`` accepts.
+OPTIMIZERS = ("sgd", "adam")
+#: leakage estimators ``--estimator`` accepts (``adaptive_dp.leakage.ESTIMATORS``).
+ESTIMATORS = ("likelihood-ratio", "token-mine")
+#: privacy-token encoders ``--token-encoder`` accepts (``adaptive_dp.leakage.tokens.TOKEN_ENCODERS``).
+TOKEN_ENCODERS = ("span", "projection", "autoencoder", "transformer")
+#: controllers ``--controller`` accepts: the ``controllers`` registry (torch-free), feedback controllers (they
+#: need ``target_mi``) first, then open-loop schedules.
+FEEDBACK_CONTROLLERS = tuple(FEEDBACK)
+SCHEDULE_CONTROLLERS = tuple(SCHEDULES)
+CONTROLLER_NAMES = FEEDBACK_CONTROLLERS + SCHEDULE_CONTROLLERS
+#: W&B modes ``--wandb-mode`` accepts.
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class TrainConfig:
+    """All options of ``adaptive-dp train`` (defaults: DP-SGD on digits, well above chance in about a minute
+    on 2 CPU cores).
+
+    Attributes:
+        dataset: registered data set name ("digits", "mnist", "fashion-mnist", "cifar10").
+        data_dir: data root (None: ``$ADAPTIVE_DP_DATA``, see :func:`adaptive_dp.data.get_data_root`).
+        model: registered model name ("small-cnn", "tanh-cnn", "resnet20", "lenet").
+        epochs: training epochs (one epoch = 1 / sample rate optimizer steps); ≥ 1.
+        batch_size: expected (Poisson) batch size; sample rate q = batch_size / len(train set).
+        lr: learning rate.
+        optimizer: "sgd" or "adam".
+        momentum: SGD momentum (ignored by Adam).
+        noise_multiplier: σ, noise std / max_grad_norm (the starting σ of a controller or schedule); ignored
+            when ``target_epsilon`` is given.
+        max_grad_norm: per-sample gradient clipping norm C.
+        target_epsilon: if given, a hard budget: the starting σ is opacus' choice for ``epochs`` epochs at this ε
+            and ``delta``, and a Rényi filter floors σ so that the run's guarantee is this ε (also with a
+            controller).
+        delta: δ of every reported ε.
+        target_mi: MI ceiling in nats per audit example; the controller (default "pid") steers σ to keep the
+            measured leakage under it. Needs the monitor (``audit_fraction`` > 0).
+        controller: a ``controllers.CONTROLLERS`` name: a feedback controller ("pid", "threshold", ...; needs
+            ``target_mi``) or an open-loop schedule ("linear", "staircase", "exponential", "cyclic" from
+            ``noise_multiplier`` to ``sigma_end`` over the planned ``epochs``, or "constant").
+        estimator: leakage estimator of the monitor: "likelihood-ratio" (training-free) or "token-mine".
+        token_encoder: privacy-token encoder of "token-mine": "span" (projection onto the clean audit
+            gradients' principal directions), "projection", "autoencoder" or "transformer".
+        audit_fraction: share of the training set carved off (seeded) as the audit split before training, in
+            [0, 1); these examples are never trained on (and get no DP protection). 0 turns the monitor off.
+        monitor_every: optimizer steps between leakage readings (the first is taken before step 1); ≥ 1.
+        sigma_min, sigma_max: bounds of the controller's σ (None: the engine's defaults 0.3 and 10, widened
+            to include the starting σ); ``sigma_max`` is also where a budget stops training.
+        sigma_end: final σ of a schedule controller.
+        seed: integer ≥ 0; seeds python, numpy and torch (initialisation, Poisson sampling) and the noise
+            generator of DP-SGD (its own stream, see :mod:`adaptive_dp.training.noise`).
+        device: "auto" (CUDA when torch sees a GPU), "cpu" or "cuda".
+        wandb_mode: "offline", "online", "disabled", or None (online when an API key is configured).
+        wandb_project: W&B project name.
+        out: output folder (None: ``runs/<UTC timestamp>``).
+        test_batch_size: batch size for evaluation (no privacy cost).
+        num_workers: DataLoader worker processes.
+        dist_timeout: seconds; under ``torchrun`` (``WORLD_SIZE`` > 1) the bound on joining the process group
+            and on every collective, so that a rank that dies or hangs makes the others fail with
+            ``adaptive_dp.distributed.DistributedError`` instead of hanging (see ``docs/distributed.md``).
+        log_private_metrics: also publish the per-step training-batch loss and Poisson batch size (and the
+            epoch's mean batch loss) in ``history.jsonl``, W&B and the summary. They are computed on the
+            private training batches *without* noise, so ε does not cover them (the batch size of Poisson
+            sampling leaks membership by itself); off by default, and ``summary.json`` says which.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "small-cnn"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.5
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    target_mi: float | None = None
+    controller: str | None = None
+    estimator: str = "likelihood-ratio"
+    token_encoder: str = "span"
+    audit_fraction: float = 0.02
+    monitor_every: int = 10
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    sigma_end: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    wandb_mode: str | None = None
+    wandb_project: str = "adaptive-dp"
+    out: str | None = None
+    test_batch_size: int = 1024
+    num_workers: int = 0
+    dist_timeout: float = 60.0
+    log_private_metrics: bool = False
+
+    def validate(self) -> None:
+        """Check every option.
+
+        Raises:
+            ValueError: naming the option, the value and what is allowed.
+        """
+        for name in ("epochs", "batch_size", "test_batch_size"):
+            _positive_int(name, getattr(self, name))
+        _non_negative_int("num_workers", self.num_workers)
+        _non_negative_int("seed", self.seed)
+        for name in ("lr", "max_grad_norm", "dist_timeout"):
+            _positive_float(name, getattr(self, name))
+        if not (
+            isinstance(self.noise_multiplier, (int, float))
+            and math.isfinite(self.noise_multiplier)
+            and self.noise_multiplier >= 0
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
+        if not (0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (0 < self.delta < 1):
+            raise ValueError(
+                f"delta must be in (0, 1) (typically < 1 / training-set size), got {self.delta!r}"
+            )
+        if self.target_epsilon is not None:
+            _positive_float("target_epsilon", self.target_epsilon)
+        if self.target_mi is not None:
+            _positive_float("target_mi", self.target_mi)
+        if not isinstance(self.log_private_metrics, bool):
+            raise ValueError(f"log_private_metrics must be True or False, got {self.log_private_metrics!r}")
+        self._validate_adaptive()
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("device", self.device, DEVICES)
+        if self.wandb_mode is not None:
+            _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
+
+    def _validate_adaptive(self) -> None:
+        """Check the monitor / controller options (see :meth:`validate`)."""
+        if (
+            isinstance(self.audit_fraction, bool)
+            or not isinstance(self.audit_fraction, (int, float))
+            or not (0 <= self.audit_fraction < 1)
+        ):
+            raise ValueError(
+                f"audit_fraction must be in [0, 1) (0 turns the leakage monitor off), got {self.audit_fraction!r}"
+            )
+        _positive_int("monitor_every", self.monitor_every)
+        _one_of("estimator", self.estimator, ESTIMATORS)
+        _one_of("token_encoder", self.token_encoder, TOKEN_ENCODERS)
+        if self.controller is not None:
+            _one_of("controller", self.controller, CONTROLLER_NAMES)
+        for name in ("sigma_min", "sigma_max", "sigma_end"):
+            if getattr(self, name) is not None:
+                _positive_float(name, getattr(self, name))
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
+        self._validate_combinations()
+
+    def _validate_combinations(self) -> None:
+        """Options that are valid alone but not together (see :meth:`validate`)."""
+        if not self.audit_fraction and self.target_mi is not None:
+            raise ValueError(
+                "--target-mi needs the leakage monitor, which --audit-fraction 0 turns off; set "
+                "--audit-fraction > 0 (default 0.02) or drop --target-mi"
+            )
+        if self.controller in FEEDBACK_CONTROLLERS and self.target_mi is None:
+            raise ValueError(
+                f"--controller {self.controller} steers measured leakage to a ceiling: give "
+                "--target-mi NATS, or use a schedule (" + ", ".join(SCHEDULE_CONTROLLERS) + ")"
+            )
+        if self.sigma_end is not None and (
+            self.controller not in SCHEDULE_CONTROLLERS or self.controller == "constant"
+        ):
+            raise ValueError(
+                "--sigma-end is the final σ of a schedule: add --controller linear (or staircase, "
+                "exponential, cyclic), or drop --sigma-end"
+            )
+        if (
+            self.audit_fraction
+            and self.estimator == "likelihood-ratio"
+            and self.target_epsilon is None
+            and self.noise_multiplier == 0
+        ):
+            raise ValueError(
+                "the likelihood-ratio leakage monitor needs noise_multiplier > 0 (at σ = 0 nothing "
+                "is private); set --noise-multiplier > 0, or --audit-fraction 0 to turn the "
+                "monitor off, or --estimator token-mine"
+            )
+
+    @property
+    def monitor_on(self) -> bool:
+        """Whether the leakage monitor runs (an audit split is carved off)."""
+        return bool(self.audit_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (JSON-able)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
+        """The config of saved options (a checkpoint's ``config``); keys this version does not know are
+        dropped, options it added since take their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names})
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")

@@ -1,0 +1,176 @@
+"""``summary.json`` of a training run: accuracy, ε (odometer and guarantee), σ, leakage, sizes, outputs."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from adaptive_dp.training.config import FEEDBACK_CONTROLLERS, TrainConfig
+from adaptive_dp.training.state import TrainingRun
+
+
+def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None = None) -> dict[str, Any]:
+    """Summary of the MI readings (nats) in a run's step records.
+
+    Args:
+        history: step records; ``mi`` is a reading (nats), None on steps without one, NaN for a failed one.
+        target_mi: the MI ceiling (nats), if any.
+
+    Returns:
+        ``{"mi_readings": count of valid readings, "failed_readings": count of NaN readings, "max_mi",
+        "mean_mi", "final_mi" (None without readings), "target_mi", "fraction_over_ceiling"}`` — the last is the
+        share of valid readings above ``target_mi`` (None without a ceiling or readings).
+    """
+    values = [r.get("mi") for r in history if r.get("mi") is not None]
+    valid = [float(v) for v in values if math.isfinite(float(v))]
+    over = None
+    if target_mi is not None and valid:
+        over = sum(v > target_mi for v in valid) / len(valid)
+    return {
+        "mi_readings": len(valid),
+        "failed_readings": len(values) - len(valid),
+        "max_mi": max(valid) if valid else None,
+        "mean_mi": sum(valid) / len(valid) if valid else None,
+        "final_mi": valid[-1] if valid else None,
+        "target_mi": target_mi,
+        "fraction_over_ceiling": over,
+    }
+
+
+def epsilon_meaning(config: TrainConfig, *, guarantee: float | None) -> str:
+    """What the summary's ε values mean for this run (guarantee, odometer with or without adaptive σ)."""
+    if guarantee is not None:
+        return (
+            f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); "
+            "epsilon = odometer_epsilon: the RDP accountant's composition of the σ history used"
+        )
+    if config.target_mi is not None or config.controller in FEEDBACK_CONTROLLERS:
+        return (
+            "odometer only: RDP composition of the σ history used; σ was chosen from audit readings "
+            "without a budget, so this is no formal (ε, δ) guarantee (use --target-epsilon for one)"
+        )
+    return "RDP accountant composition of the noise multipliers used (opacus get_epsilon)"
+
+
+def privacy_figures(run: TrainingRun) -> dict[str, Any]:
+    """``noise_multiplier`` (σ of the last step), ``epsilon`` (the odometer at δ, lost steps included),
+    ``guarantee_epsilon`` (the Rényi filter's ε, None without a budget) and ``accountant`` of ``run``."""
+    history, config = run.progress.history, run.config
+    privacy = run.engine.privacy_summary(config.delta)
+    if history and not run.progress.discarded:
+        odometer = history[-1]["epsilon"]
+    else:  # lost steps are booked in the accountant but in no kept record
+        odometer = float(run.engine.get_epsilon(config.delta))
+    return {
+        "noise_multiplier": float(run.optimizer.noise_multiplier),
+        "epsilon": odometer,
+        "guarantee_epsilon": privacy["guarantee_epsilon"],
+        "accountant": privacy["accountant"],
+    }
+
+
+def build_summary(
+    run: TrainingRun, *, outputs: Mapping[str, Any], figures: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The summary of a finished (or stopped-early) run, as :func:`adaptive_dp.training.train` returns it.
+
+    Args:
+        run: the run, after its last epoch (``run.tracker`` open).
+        outputs: :func:`output_paths` (``tradeoff`` None if the figure could not be drawn).
+        figures: :func:`privacy_figures` of ``run``.
+
+    ``private_metrics_logged`` says whether the training-batch loss and batch size (not covered by ε) were
+    published (``log_private_metrics``).
+    """
+    config, progress = run.config, run.progress
+    final = progress.epochs[-1]
+    sigmas = [r["noise_multiplier"] for r in progress.history] or [figures["noise_multiplier"]]
+    monitor = getattr(run.engine, "monitor", None)
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "epsilon": figures["epsilon"],
+        "odometer_epsilon": figures["epsilon"],
+        "guarantee_epsilon": figures["guarantee_epsilon"],
+        "delta": config.delta,
+        "epsilon_meaning": epsilon_meaning(config, guarantee=figures["guarantee_epsilon"]),
+        "noise_multiplier": figures["noise_multiplier"],
+        "initial_noise_multiplier": run.initial_sigma,
+        "noise_multiplier_range": [min(sigmas), max(sigmas)],
+        "max_grad_norm": config.max_grad_norm,
+        "sample_rate": run.sample_rate,
+        "steps": len(progress.history),
+        "discarded_steps": len(progress.discarded),
+        "resumed_at_step": progress.resumed_at_step,
+        "epochs": config.epochs,
+        "stopped_early": progress.stop_reason is not None,
+        "stop_reason": progress.stop_reason,
+        "controller": config.controller if config.controller or config.target_mi is None else "pid",
+        "estimator": config.estimator if config.monitor_on else None,
+        "monitor_every": config.monitor_every if config.monitor_on else None,
+        **leakage_summary(progress.history, target_mi=config.target_mi),
+        "audit_size": run.sizes["audit_size"],
+        "audit_examples_read": int(monitor.x.shape[0]) if monitor is not None else 0,
+        "private_metrics_logged": config.log_private_metrics,
+        "wall_time_s": time.perf_counter() - run.t_start,
+        "epoch_times_s": progress.epoch_times,
+        "per_epoch": progress.epochs,
+        "device": str(run.device),
+        "distributed": _distributed(run.context),
+        "engine": f"{type(run.engine).__module__}.{type(run.engine).__name__}",
+        "accountant": figures["accountant"],
+        "dataset": {
+            "name": run.info.name,
+            **run.sizes,
+            "num_classes": run.info.num_classes,
+            "image_size": run.info.image_size,
+        },
+        "model": config.model,
+        "config": config.to_dict(),
+        "outputs": dict(outputs),
+        "wandb": {
+            "mode": run.tracker.mode,
+            "dir": outputs["wandb"],
+            "file": str(run.tracker.wandb_file) if run.tracker.wandb_file is not None else None,
+        },
+        "versions": versions(),
+    }
+
+
+def output_paths(run: TrainingRun) -> dict[str, Any]:
+    """The run's output files (``tradeoff`` / ``checkpoint`` None on ranks > 0 under DDP)."""
+    tracker = run.tracker
+    outputs = {
+        "dir": str(run.out),
+        "history": str(tracker.history_path),
+        "summary": str(tracker.summary_path),
+        "tradeoff": str(run.out / "tradeoff.png") if run.is_main else None,
+        "checkpoint": str(run.out / "checkpoint.pt") if run.is_main else None,
+        "wandb": str(tracker.wandb_dir) if tracker.wandb_dir is not None else None,
+    }
+    if run.context is not None:
+        outputs["rank_history"] = str(tracker.rank_history_path)
+    return outputs
+
+
+def _distributed(context) -> dict[str, Any] | None:
+    if context is None:
+        return None
+    return {
+        "rank": context.rank,
+        "world_size": context.world_size,
+        "backend": context.backend,
+        "timeout_s": context.timeout_s,
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of adaptive_dp, torch and opacus."""
+    import opacus
+    import torch
+
+    from adaptive_dp import __version__
+
+    return {"adaptive_dp": __version__, "torch": torch.__version__, "opacus": opacus.__version__}
