@@ -29,8 +29,9 @@ Lightning's fit where each object exists (in this order):
   ``strategy="ddp"`` the module is marked with opacus' ``DifferentiallyPrivateDistributedDataParallel``, so
   opacus builds its distributed optimizer (each rank clips, rank 0 adds the noise, the noisy sums are
   all-reduced) and rank 0 decides σ for every rank;
-* ``on_train_epoch_start`` — the Poisson sampler and the noise generator are seeded from (``seed``, rank,
-  epoch), so a run resumed from an epoch-end checkpoint draws what the uninterrupted run would have drawn;
+* ``on_train_start`` / ``on_train_epoch_end`` — the Poisson sampler and the noise generator are seeded from
+  (``seed``, rank, epoch) before each epoch's first draw, so a run resumed from an epoch-end checkpoint draws
+  what the uninterrupted run would have drawn (Lightning skips ``on_train_epoch_start`` on some restarts);
 * ``on_train_batch_end`` — the step's record (``engine.history[-1]``) goes to ``pl_module.log`` (so to every
   configured logger, written every ``Trainer(log_every_n_steps)`` steps); then, under a budget, the Rényi
   filter is asked whether it can pay for the next step, and if not ``trainer.should_stop`` is set: the step
@@ -174,7 +175,8 @@ class AdaptivePrivacyCallback(pl.Callback):
 
         Raises:
             RuntimeError: the callback already made a model private (one callback, one fit).
-            ValueError: gradient accumulation, or training data that are not a ``DataLoader``.
+            ValueError: gradient accumulation; training data that are not a ``DataLoader``; DDP without
+                ``Trainer(use_distributed_sampler=False)``.
         """
         if stage != "fit":
             return
@@ -184,6 +186,10 @@ class AdaptivePrivacyCallback(pl.Callback):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("gradient accumulation over Poisson batches changes the sample rate the accountant "
                              "books; use Trainer(accumulate_grad_batches=1) and a larger batch_size")
+        if ddp.is_distributed() and getattr(getattr(trainer, "_accelerator_connector", None),
+                                            "use_distributed_sampler", False):
+            raise ValueError("under DDP each rank Poisson-samples its own shard (opacus' distributed sampler); "
+                             "Lightning's DistributedSampler must stay out: Trainer(use_distributed_sampler=False)")
         source = _train_data_source(trainer)
         loader = source.dataloader()
         if not isinstance(loader, DataLoader):
@@ -219,12 +225,13 @@ class AdaptivePrivacyCallback(pl.Callback):
         self._logged_steps = len(self.engine.history)
         self._stop_if_exhausted(trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Seed the Poisson sampler (per rank) and the noise from (seed, rank, epoch)."""
-        for name, generator in self._generators.items():
-            rank = ddp.get_rank() if name == "sampler" else 0
-            words = [self.options.seed, rank, trainer.current_epoch, 0 if name == "sampler" else 1]
-            generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1))
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed sampling and noise for the epoch about to run (also the first epoch of a resumed run)."""
+        self._seed_generators(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed sampling and noise for the next epoch (its batches are drawn after this hook)."""
+        self._seed_generators(trainer.current_epoch + 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -281,8 +288,21 @@ class AdaptivePrivacyCallback(pl.Callback):
         generator = self.engine.secure_rng if self.engine.secure_mode else self._generator("sampler", "cpu")
         private = DPDataLoader.from_data_loader(loader, generator=generator, distributed=distributed)
         if distributed:  # yields a rank's empty batches too, so every rank takes the same number of steps
-            private = ddp.distributed_poisson_loader(private, generator=generator)
+            return ddp.distributed_poisson_loader(private, generator=generator)
+        if not self.engine.secure_mode:
+            # the loader draws its workers' base seed from its own generator at every iter(), which Lightning
+            # calls before or after the epoch's seeding depending on whether the run was resumed; keep that
+            # draw off the sampler's stream
+            private.generator = torch.Generator().manual_seed(self.options.seed)
         return private
+
+    def _seed_generators(self, epoch: int) -> None:
+        """The Poisson sampler (per rank) and the noise from (seed, rank, epoch): lazily drawn batches and noise
+        of an epoch are the same whether or not the run was resumed from the end of the epoch before."""
+        for name, generator in self._generators.items():
+            rank = ddp.get_rank() if name == "sampler" else 0
+            words = [self.options.seed, rank, epoch, 0 if name == "sampler" else 1]
+            generator.manual_seed(int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1))
 
     def _generator(self, name: str, device: torch.device | str) -> torch.Generator:
         generator = torch.Generator(device=device).manual_seed(self.options.seed)

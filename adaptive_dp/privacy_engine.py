@@ -247,8 +247,9 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         self._check_optimizer(optimizer, controller)
         self._module, self._optimizer, self.sample_rate = module, optimizer, 1 / len(loader)
         monitor = self._prepare_monitor(options, audit, module, distributed=distributed, settings=opacus_kwargs)
+        guard = self._prepare_guard(options, plan, monitor, controller)
         self.control_loop = self._prepare_loop(
-            options, budget, plan, controller=controller, monitor=monitor, distributed=distributed
+            options, budget, plan, controller=controller, monitor=monitor, distributed=distributed, guard=guard
         )
         optimizer.attach_control_loop(self.control_loop)
         self._warn_without_guarantee(budget)
@@ -372,13 +373,30 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             watched = ddp.unwrap_distributed(private_module)
         monitor_options = {"loss_fn": settings.get("criterion"), **options.monitor_options}
         clipping = "per_layer" if settings.get("clipping") == "per_layer" else "flat"
+        self._monitor_settings = {"watched": watched, "audit": audit, "clipping": clipping, **monitor_options}
         return LeakageMonitor(
             watched, audit, max_grad_norm=clipping_norm(self._optimizer), estimator=options.estimator,
             token_encoder=options.token_encoder, seed=options.seed, clipping=clipping, **monitor_options,
         )
 
+    def _prepare_guard(self, options: AdaptiveOptions, plan: _Plan, monitor: Any, controller: Any) -> Any:
+        """The blind-meter guard: a learned estimator steering σ is checked against the likelihood-ratio reference."""
+        if monitor is None or controller is None or options.estimator == "likelihood-ratio" or not options.meter_guard:
+            return None
+        from adaptive_dp.control.guard import MeterGuard
+        from adaptive_dp.leakage.monitor import LeakageMonitor
+
+        settings = dict(self._monitor_settings)
+        watched, audit, clipping = settings.pop("watched"), settings.pop("audit"), settings.pop("clipping")
+        settings = {k: v for k, v in settings.items() if k in ("loss_fn", "batch_size", "max_audit")}
+        reference = LeakageMonitor(
+            watched, audit, max_grad_norm=clipping_norm(self._optimizer), estimator="likelihood-ratio",
+            seed=options.seed + 1, clipping=clipping, **settings,
+        )
+        return MeterGuard(reference=reference, noise_multiplier=plan.noise_multiplier, target_mi=self.target_mi)
+
     def _prepare_loop(self, options: AdaptiveOptions, budget: _Budget | None, plan: _Plan, *, controller: Any,
-                      monitor: Any, distributed: bool) -> NoiseControlLoop:
+                      monitor: Any, distributed: bool, guard: Any) -> NoiseControlLoop:
         """The noise-control loop with its budget filter."""
         budget_filter = None
         delta = options.target_delta if options.target_delta is not None else DEFAULT_DELTA
@@ -394,7 +412,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             monitor=monitor, budget_filter=budget_filter, sigma_max=self.sigma_max, target_mi=self.target_mi,
             monitor_every=options.monitor_every, target_delta=delta,
             cheap_epsilon=self.accountant.mechanism() in _CHEAP_ACCOUNTANTS, on_exhausted=self._save_on_exhaustion,
-            distributed=distributed,
+            distributed=distributed, guard=guard,
         )
 
     def _check_optimizer(self, optimizer: DPOptimizer, controller: Any) -> None:

@@ -16,6 +16,8 @@ MODULES = [
     "adaptive_dp.accountants.rdp",
     "adaptive_dp.accountants.filter",
     "adaptive_dp.leakage.mine",
+    "adaptive_dp.leakage.likelihood_ratio",
+    "adaptive_dp.leakage.tokens",
 ]
 
 

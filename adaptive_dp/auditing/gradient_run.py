@@ -80,7 +80,9 @@ def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
 
 def _check_params(params: object) -> list[nn.Parameter]:
     if not isinstance(params, Sequence) or not params or not all(isinstance(p, Tensor) for p in params):
-        raise ValueError("params must be a non-empty list of the trainable parameters, in the optimizer's order.")
+        raise ValueError(
+            "params must be a non-empty list of the trainable parameters, in the optimizer's order."
+        )
     if len({p.device for p in params}) != 1:
         raise ValueError("gradient canaries need all trainable parameters on one device.")
     return list(params)
@@ -121,15 +123,26 @@ class GradientCanaryRun:
             dense storage (the message names ``kind="dirac"``), or ``kind="dirac"`` with m > P.
     """
 
-    def __init__(self, *, count: int, params: list[nn.Parameter], max_grad_norm: float, sample_rate: float,
-                 seed: int, kind: str = "random", momentum: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        count: int,
+        params: list[nn.Parameter],
+        max_grad_norm: float,
+        sample_rate: float,
+        seed: int,
+        kind: str = "random",
+        momentum: float = 0.0,
+    ) -> None:
         if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 2:
             raise ValueError(f"count must be an int >= 2 (the audit guesses on two sides), got {count!r}.")
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
         self.params = _check_params(params)
         self.count, self.kind, self.seed = int(count), kind, seed
-        self.max_grad_norm = _check_real("max_grad_norm", max_grad_norm, low=0.0, high=math.inf, closed_high=False)
+        self.max_grad_norm = _check_real(
+            "max_grad_norm", max_grad_norm, low=0.0, high=math.inf, closed_high=False
+        )
         self.sample_rate = _check_real("sample_rate", sample_rate, low=0.0, high=1.0, closed_high=True)
         self._numels = [p.numel() for p in self.params]
         dim = sum(self._numels)
@@ -140,7 +153,11 @@ class GradientCanaryRun:
             )
         canary_seed, inclusion_seed, sampling_seed = canary_seeds(seed=seed, streams=3)
         self._directions = make_gradient_canaries(
-            count=self.count, dim=dim, max_grad_norm=self.max_grad_norm, kind=kind, seed=canary_seed,
+            count=self.count,
+            dim=dim,
+            max_grad_norm=self.max_grad_norm,
+            kind=kind,
+            seed=canary_seed,
             sparse=kind == "dirac",
         ).to(self.params[0].device)
         self.included = draw_inclusion(count=self.count, seed=inclusion_seed)
@@ -174,7 +191,9 @@ class GradientCanaryRun:
             RuntimeError: the run is already attached.
         """
         if self._attached:
-            raise RuntimeError("this GradientCanaryRun is already attached to an optimizer (one run, one optimizer)")
+            raise RuntimeError(
+                "this GradientCanaryRun is already attached to an optimizer (one run, one optimizer)"
+            )
         if not hasattr(optimizer, "attach_pre_noise_hook") or not hasattr(optimizer, "attach_post_step_hook"):
             raise ValueError(
                 f"{type(optimizer).__name__} has no canary hooks; attach to the optimizer returned by "
@@ -182,16 +201,20 @@ class GradientCanaryRun:
             )
         trained = list(optimizer.params)
         if len(trained) != len(self.params) or any(a is not b for a, b in zip(trained, self.params)):
-            raise ValueError("params must be the optimizer's trainable parameters, in optimizer.params order.")
+            raise ValueError(
+                "params must be the optimizer's trainable parameters, in optimizer.params order."
+            )
         momentum = sgd_momentum(optimizer.original_optimizer)
         if momentum != self.momentum:
-            raise ValueError(f"the optimizer's SGD momentum is {momentum}, this run's {self.momentum}; pass momentum=.")
+            raise ValueError(
+                f"the optimizer's SGD momentum is {momentum}, this run's {self.momentum}; pass momentum=."
+            )
         optimizer.attach_pre_noise_hook(self._before_noise)
         optimizer.attach_post_step_hook(self._after_step)
         self._attached = True
 
     def _flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+        return torch.cat([p.detach().reshape(-1) for p in self.params])  # a new tensor: θ at this moment
 
     def _before_noise(self, optimizer: Any) -> None:
         """θ_t, then the selected canaries into the clipped sum (on rank 0 only: the sum is all-reduced)."""
@@ -204,7 +227,9 @@ class GradientCanaryRun:
         total = torch.mv(self._directions.t(), selected) * scale  # [P]: Σ of the selected canaries
         for p, chunk in zip(self.params, total.split(self._numels)):
             if p.summed_grad is None:
-                raise RuntimeError("a trainable parameter has no clipped gradient sum; canaries cannot be added")
+                raise RuntimeError(
+                    "a trainable parameter has no clipped gradient sum; canaries cannot be added"
+                )
             p.summed_grad.add_(chunk.view_as(p.summed_grad).to(p.summed_grad.dtype))
 
     def _after_step(self, optimizer: Any) -> None:
@@ -233,9 +258,14 @@ class GradientCanaryRun:
         """The run's state: settings, coin flips, scores and the sampling RNG (the canaries are rebuilt from
         the seed). Take it between optimizer steps."""
         return {
-            "count": self.count, "kind": self.kind, "seed": self.seed, "max_grad_norm": self.max_grad_norm,
-            "sample_rate": self.sample_rate, "included": self.included.clone(),
-            "scorer": self._scorer.state_dict(), "sampler": self._sampler.get_state(),
+            "count": self.count,
+            "kind": self.kind,
+            "seed": self.seed,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "included": self.included.clone(),
+            "scorer": self._scorer.state_dict(),
+            "sampler": self._sampler.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -110,8 +110,9 @@ class InputCanaryRun:
         self.included = draw_inclusion(count=self.count, seed=inclusion_seed)
 
     @classmethod
-    def insert(cls, data_loader: DataLoader, *, count: int, num_classes: int | None, seed: int
-               ) -> tuple[DataLoader, InputCanaryRun]:
+    def insert(
+        cls, data_loader: DataLoader, *, count: int, num_classes: int | None, seed: int
+    ) -> tuple[DataLoader, InputCanaryRun]:
         """Put canaries into a training loader's data set.
 
         Returns:
@@ -136,8 +137,13 @@ class InputCanaryRun:
         return ConcatDataset([others, canaries])
 
     # ------------------------------------------------------------------ the audit
-    def losses(self, *, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-               batch_size: int = 256) -> Tensor:
+    def losses(
+        self,
+        *,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        batch_size: int = 256,
+    ) -> Tensor:
         """[m] float64 loss of every canary under its wrong label in ``model`` (evaluation mode, no grad).
 
         Args:
@@ -167,8 +173,14 @@ class InputCanaryRun:
             model.train(was_training)
         return torch.cat(out)
 
-    def audit(self, *, model: nn.Module, delta: float, confidence: float = 0.95,
-              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> CanaryAudit:
+    def audit(
+        self,
+        *,
+        model: nn.Module,
+        delta: float,
+        confidence: float = 0.95,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> CanaryAudit:
         """ε̂ at δ from the final model: scores = −loss of each mislabelled canary (``mode="input"``).
 
         Raises:
@@ -183,8 +195,12 @@ class InputCanaryRun:
     def state_dict(self) -> dict[str, Any]:
         """Settings, canary choice and coin flips (the dataset itself is not saved)."""
         return {
-            "count": self.count, "seed": self.seed, "num_classes": self.num_classes,
-            "indices": self.indices.clone(), "shifts": self.shifts.clone(), "included": self.included.clone(),
+            "count": self.count,
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "indices": self.indices.clone(),
+            "shifts": self.shifts.clone(),
+            "included": self.included.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,7 +217,11 @@ class InputCanaryRun:
             raise ValueError(f"input canary state is missing {sorted(missing)}.")
         mine = self.state_dict()
         for key in _STATE_KEYS:
-            same = torch.equal(state[key].cpu(), mine[key]) if isinstance(mine[key], Tensor) else state[key] == mine[key]
+            same = (
+                torch.equal(state[key].cpu(), mine[key])
+                if isinstance(mine[key], Tensor)
+                else state[key] == mine[key]
+            )
             if not same:
                 raise ValueError(
                     f"input canary state differs in {key!r}; rebuild the run with InputCanaryRun.insert on the same "

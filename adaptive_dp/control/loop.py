@@ -54,6 +54,7 @@ class NoiseControlLoop:
         on_exhausted: called (without arguments) before :class:`PrivacyBudgetExhausted` propagates, e.g. to
             save a checkpoint.
         distributed: whether rank 0 decides and broadcasts σ to the other ranks every step.
+        guard: a :class:`~adaptive_dp.control.guard.MeterGuard` for estimators that can be blind, or None.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class NoiseControlLoop:
         cheap_epsilon: bool = True,
         on_exhausted: Callable[[], None] | None = None,
         distributed: bool = False,
+        guard: Any = None,
     ):
         self.accountant = accountant
         self.controller = controller
@@ -83,6 +85,8 @@ class NoiseControlLoop:
         self.cheap_epsilon = cheap_epsilon
         self.on_exhausted = on_exhausted
         self.distributed = distributed
+        self.guard = guard
+        self.pending_curve: Any = None  # σ′ ↦ (MI, stderr) of the pending reading, for a predictive controller
         self.rank = ddp.get_rank() if distributed else 0
         self.history: list[HistoryRecord] = []  # StepRecord.as_dict() of every step booked
         self.pending: Any = None  # the reading to hand the controller at the next step
@@ -141,10 +145,15 @@ class NoiseControlLoop:
     def read(self, *, max_grad_norm: float | list[float]) -> Any:
         """One leakage reading at the current σ; a failure comes back as :class:`FailedReading` (fail closed)."""
         assert self.monitor is not None
+        self.pending_curve = None
         try:
             reading = self.monitor.read(noise_multiplier=self.last_set_sigma, max_grad_norm=max_grad_norm)
             if not (math.isfinite(float(reading.mi)) and math.isfinite(float(reading.critic_gap))):
                 raise ValueError(f"non-finite reading mi={reading.mi}, critic_gap={reading.critic_gap}")
+            if self.guard is not None:
+                self.guard.observe(reading, noise_multiplier=self.last_set_sigma, max_grad_norm=max_grad_norm)
+            if getattr(self.controller, "uses_mi_curve", False):
+                self.pending_curve = self.monitor.mi_curve()
         except Exception as exc:  # noqa: BLE001 - fail closed: any monitor fault means maximal noise
             message = f"{type(exc).__name__}: {exc}"
             logger.warning(
@@ -157,12 +166,17 @@ class NoiseControlLoop:
     # ------------------------------------------------------------------ the decision
     def _decide_locally(self, optimizer: Any, step: int, floor: float | None) -> StepRecord:
         reading, self.pending = self.pending, None
+        curve, self.pending_curve = self.pending_curve, None
         fields = _reading_fields(reading)
         measurement = fields.get("mi")
+        blind_floor = None if self.guard is None else self.guard.floor()
+        floors = [f for f in (floor, blind_floor) if f is not None]
         error = None
         if self.controller is not None:
             # controllers' convention: update(reading, t) after t steps taken gives σ of step t + 1
-            sigma = float(self.controller.update(measurement, step - 1, sigma_floor=floor))
+            extra = {"mi_curve": curve} if curve is not None else {}
+            sigma = float(self.controller.update(measurement, step - 1, sigma_floor=max(floors, default=None),
+                                                 **extra))
             if measurement is not None and math.isfinite(measurement):
                 error = getattr(self.controller, "last_error", None)
                 if error is None and self.target_mi is not None:
@@ -171,11 +185,14 @@ class NoiseControlLoop:
             if float(optimizer.noise_multiplier) != self.last_set_sigma:  # changed by the user or a scheduler
                 self.user_sigma = float(optimizer.noise_multiplier)
             sigma = self.user_sigma
-        if floor is not None:
-            sigma = max(sigma, floor)  # the budget wins
+        # the budget wins, and a meter that cannot see never lowers the noise
+        sigma = max(sigma, *floors) if floors else sigma
         if not (sigma >= 0 and math.isfinite(sigma)):
             raise RuntimeError(f"the controller returned an invalid noise multiplier {sigma!r} at step {step}")
-        return StepRecord(step=step, noise_multiplier=sigma, sigma_floor=floor, controller_error=error, **fields)
+        if self.guard is not None:
+            self.guard.note_sigma(sigma)
+        return StepRecord(step=step, noise_multiplier=sigma, sigma_floor=floor, controller_error=error,
+                          meter_blind=blind_floor is not None, **fields)
 
     def _broadcast_decision(self, optimizer: Any, step: int, floor: float | None) -> StepRecord:
         decision: Any = None
@@ -229,6 +246,7 @@ class NoiseControlLoop:
             "pending": _pending_state(self.pending),
             "user_sigma": self.user_sigma,
             "last_set_sigma": self.last_set_sigma,
+            "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,6 +269,8 @@ class NoiseControlLoop:
         self.pending = _pending_from_state(state.get("pending"))
         self.user_sigma = float(state.get("user_sigma", self.user_sigma))
         self.last_set_sigma = float(state.get("last_set_sigma", self.last_set_sigma))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
 
 
 def _reading_fields(reading: Any) -> dict[str, Any]:

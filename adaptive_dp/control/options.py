@@ -46,6 +46,8 @@ class AdaptiveOptions:
         seed: seed of the monitor (and of an ``audit_fraction`` split).
         controller_options: extra keywords for ``controllers.build_controller``.
         monitor_options: extra keywords for :class:`~adaptive_dp.leakage.LeakageMonitor`.
+        meter_guard: check a learned estimator against the likelihood-ratio reference and never let it lower σ
+            while it cannot see the leakage (:mod:`adaptive_dp.control.guard`); on by default.
     """
 
     target_mi: float | None = None
@@ -65,6 +67,7 @@ class AdaptiveOptions:
     seed: int = 0
     controller_options: Mapping[str, Any] = field(default_factory=dict)
     monitor_options: Mapping[str, Any] = field(default_factory=dict)
+    meter_guard: bool = True
 
     def __post_init__(self) -> None:
         self._validate()

@@ -51,6 +51,8 @@ class StepRecord:
             history, not a guarantee under adaptive σ); None for accountants too slow to query every step (PRV).
         monitor_error: message of a failed reading, else None.
         audit_loss: mean loss on the audit split at the reading (public/held-out data), else None.
+        meter_blind: True when the blind-meter guard held σ up at this step (the estimator read far below the
+            likelihood-ratio reference at its last check; :mod:`adaptive_dp.control.guard`).
     """
 
     step: int
@@ -62,6 +64,7 @@ class StepRecord:
     epsilon: float | None = None
     monitor_error: str | None = None
     audit_loss: float | None = None
+    meter_blind: bool = False
 
     def with_epsilon(self, epsilon: float | None) -> StepRecord:
         """A copy with ``epsilon`` set (the odometer is known only after the accountant booked the step)."""

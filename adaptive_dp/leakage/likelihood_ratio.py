@@ -290,6 +290,7 @@ class LikelihoodRatioEstimator(LeakageEstimator):
     """
 
     requires_noise = True
+    last_curve: LikelihoodRatioCurve | None = None
 
     def __init__(self, *, noise_draws: int | None = None) -> None:
         if noise_draws is not None and (
@@ -335,15 +336,52 @@ class LikelihoodRatioEstimator(LeakageEstimator):
         n = gram.shape[0]
         if n < 2:
             raise ValueError("the likelihood-ratio critic needs at least 2 audit examples (N >= 2)")
-        std = float(noise_multiplier) * float(max_grad_norm)
         draws = self.noise_draws or max(1, -(-LR_NOISE_TERMS // n))
-        cross = gaussian_cross_products(gram, noise_std=std, generator=generator, draws=draws)
-        scores = likelihood_ratio_scores_from_gram(gram, cross, noise_std=std).double()  # [D, N, N]
+        self.last_curve = LikelihoodRatioCurve(gram, max_grad_norm=max_grad_norm, generator=generator, draws=draws)
+        return self.last_curve.estimate(noise_multiplier)
+
+    def mi_curve(self) -> LikelihoodRatioCurve | None:
+        """σ′ ↦ (MI, stderr) on the audit gradients of the last reading (None before the first)."""
+        return self.last_curve
+
+
+class LikelihoodRatioCurve:
+    """MI(σ′) of the likelihood-ratio reading for any noise multiplier σ′, on one reading's audit gradients.
+
+    The Gaussian draws Z of :func:`gaussian_cross_products` are drawn once and rescaled for each σ′ (common random
+    numbers), so ``curve(σ)`` at the reading's own σ is that reading, and the curve is smooth and decreasing in σ′
+    up to the noise-draw error its ``stderr`` states. A controller can solve for the σ that meets a ceiling instead
+    of searching for it by feedback (``controllers.PredictiveController``). Cost per evaluation: O(D·N²) after an
+    O(N³) set-up (D noise draws, N audit examples).
+
+    Args:
+        gram: [N, N] centred Gram matrix of the clipped audit gradients.
+        max_grad_norm: C, the total clipping norm (the noise std is σ′·C).
+        generator: the source of the standard normal draws.
+        draws: D, noise draws averaged per evaluation.
+    """
+
+    def __init__(self, gram: Tensor, *, max_grad_norm: float, generator: torch.Generator, draws: int) -> None:
+        n = gram.shape[0]
+        work = gram.to(_work_dtype(gram.device))
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        factor = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()
+        z = torch.randn((int(draws), n, n), generator=generator, device=gram.device, dtype=torch.float32)
+        self._unit_cross = z.to(work.dtype) @ factor.T  # cross products at noise std 1
+        self._gram = gram
+        self._c = float(max_grad_norm)
+        self.draws, self.n = int(draws), n
+
+    def estimate(self, noise_multiplier: float) -> MIEstimate:
+        """The reading at noise multiplier σ′ > 0 (InfoNCE with the likelihood-ratio critic, nats)."""
+        std = float(noise_multiplier) * self._c
+        scores = likelihood_ratio_scores_from_gram(self._gram, std * self._unit_cross, noise_std=std).double()
         diag = scores.diagonal(dim1=1, dim2=2)  # [D, N]
+        n = self.n
         terms = diag - torch.logsumexp(scores, dim=2) + math.log(n)
         off_mean = (scores.sum(dim=(1, 2)) - diag.sum(dim=1)) / (n * (n - 1))
-        if draws > 1:
-            stderr = float(terms.var(dim=0).sum().div(draws).sqrt() / n)
+        if self.draws > 1:
+            stderr = float(terms.var(dim=0).sum().div(self.draws).sqrt() / n)
         else:
             stderr = float(terms.std() / math.sqrt(n))
         return MIEstimate(
@@ -351,6 +389,11 @@ class LikelihoodRatioEstimator(LeakageEstimator):
             critic_gap=float((diag.mean(dim=1) - off_mean).mean()),
             stderr=stderr,
             n=n,
-            method=self.name,
+            method=LikelihoodRatioEstimator.name,
             cap=math.log(n),
         )
+
+    def __call__(self, noise_multiplier: float) -> tuple[float, float]:
+        """(MI nats, stderr nats) at σ′ — the ``controllers.base.MICurve`` protocol."""
+        est = self.estimate(noise_multiplier)
+        return est.mi, est.stderr

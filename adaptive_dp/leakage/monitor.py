@@ -342,6 +342,15 @@ class LeakageMonitor:
             audit_loss=float(losses.double().mean()),
         )
 
+    def mi_curve(self) -> Callable[[float], tuple[float, float]] | None:
+        """σ′ ↦ (MI nats, stderr nats) on the audit gradients of the last reading, for a predictive controller.
+
+        None before the first reading, and for estimators that cannot evaluate other σ′ (token-MINE: its critic
+        is trained at the σ read).
+        """
+        curve = getattr(self._estimator, "mi_curve", None)
+        return None if curve is None else curve()
+
     # -- state ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
