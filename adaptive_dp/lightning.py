@@ -158,7 +158,7 @@ class AdaptivePrivacyCallback(pl.Callback):
         self.noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
-        self.epochs = epochs
+        self.epochs = epochs if epochs is not None else self.options.epochs
         self.log_private_metrics = bool(log_private_metrics)
         self.engine = AdaptivePrivacyEngine(accountant=accountant, secure_mode=secure_mode)
         self.stopped_by_budget = False
@@ -223,7 +223,7 @@ class AdaptivePrivacyCallback(pl.Callback):
             self._restore(self._pending_state)
             self._pending_state = None
         self._logged_steps = len(self.engine.history)
-        self._stop_if_exhausted(trainer, pl_module)
+        self._stop_if_exhausted(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Seed sampling and noise for the epoch about to run (also the first epoch of a resumed run)."""
@@ -242,7 +242,8 @@ class AdaptivePrivacyCallback(pl.Callback):
             self._log(pl_module, step_metrics(history, guarantee_epsilon=self.engine.guarantee_epsilon))
             if self.log_private_metrics:
                 self._log(pl_module, _private_metrics(outputs, batch))
-        self._stop_if_exhausted(trainer, pl_module)
+        if self._stop_if_exhausted(trainer):
+            self._log(pl_module, {"privacy/budget_exhausted": 1.0})
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove opacus' hooks and per-sample-gradient attributes from the module after fit."""
@@ -338,29 +339,34 @@ class AdaptivePrivacyCallback(pl.Callback):
         self.engine.accountant.load_state_dict(state["accountant"])
         self.engine.load_adaptive_state_dict(state["adaptive"])
 
-    def _stop_if_exhausted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Under a budget: stop before the step whose floor would exceed ``sigma_max`` (it would raise)."""
+    def _stop_if_exhausted(self, trainer: pl.Trainer) -> bool:
+        """Under a budget: stop before the step whose floor would exceed ``sigma_max`` (the step would raise
+        :class:`PrivacyBudgetExhausted`: the same test as the control loop's, on the same filter state).
+
+        Returns:
+            True when this call stopped training.
+        """
         budget_filter = self.engine.budget_filter
         if budget_filter is None or self.stopped_by_budget:
-            return
+            return False
         try:
             floor = float(budget_filter.floor(sigma_max=self.engine.sigma_max))
         except PrivacyBudgetExhausted:
             floor = math.inf
         if math.isfinite(floor) and floor <= self.engine.sigma_max:
-            return
+            return False
         self.stopped_by_budget = True
         trainer.should_stop = True
         rank_zero_info(f"adaptive_dp: privacy budget exhausted after {len(self.engine.history)} steps (the next "
                        f"step would need σ > sigma_max = {self.engine.sigma_max:.4g} to stay within ε = "
                        f"{self.engine.guarantee_epsilon:.4g}); stopping training")
-        if trainer.training:
-            self._log(pl_module, {"privacy/budget_exhausted": 1.0})
+        return True
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+        to_loggers = bool(pl_module.trainer.loggers)  # else only trainer.callback_metrics (no warning)
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=True, prog_bar=False)
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=to_loggers, prog_bar=False)
 
 
 def _train_data_source(trainer: pl.Trainer) -> Any:

@@ -97,6 +97,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         self.sigma_min: float | None = None
         self.sigma_max: float | None = None
         self.sample_rate: float | None = None
+        self.canary_run: Any = None  # GradientCanaryRun / InputCanaryRun with canaries=, else None
         self._module: nn.Module | None = None
         self._optimizer: DPOptimizer | None = None
 
@@ -231,6 +232,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         """The steps of both ``make_private*``: each ``_prepare_*`` below does one thing."""
         self._prepare_engine(options, budget, opacus_kwargs)
         data_loader, audit = self._prepare_audit(options, data_loader)
+        data_loader = self._prepare_input_canaries(options, data_loader)
         tolerance = opacus_kwargs.pop("epsilon_tolerance", 0.01)
         plan = self._prepare_plan(options, budget, data_loader, opacus_kwargs.pop("noise_multiplier"), tolerance)
         controller = self._prepare_controller(options, budget, plan, opacus_kwargs)
@@ -252,6 +254,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             options, budget, plan, controller=controller, monitor=monitor, distributed=distributed, guard=guard
         )
         optimizer.attach_control_loop(self.control_loop)
+        self._prepare_gradient_canaries(options, optimizer)
         self._warn_without_guarantee(budget)
         if monitor is not None:  # the first reading, before step 1
             self.control_loop.pending = self.control_loop.read(max_grad_norm=clipping_norm(optimizer))
@@ -298,6 +301,32 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         check_audit_disjoint(train=data_loader, audit=audit_data, audit_dataset=audit, seed=options.seed)
         self.audit_dataset = audit
         return data_loader, audit
+
+    def _prepare_input_canaries(self, options: AdaptiveOptions, data_loader: DataLoader) -> DataLoader:
+        """Black-box canaries: mislabelled examples put into the training loader (after the audit carve, before q)."""
+        if not options.canaries or options.canary_mode != "input":
+            return data_loader
+        from adaptive_dp.auditing import InputCanaryRun
+
+        data_loader, self.canary_run = InputCanaryRun.insert(
+            data_loader, count=options.canaries, num_classes=None, seed=options.seed
+        )
+        return data_loader
+
+    def _prepare_gradient_canaries(self, options: AdaptiveOptions, optimizer: DPOptimizer) -> None:
+        """White-box canaries: canary gradients added to the clipped sum before the noise, scored every step."""
+        if not options.canaries or options.canary_mode != "gradient":
+            return
+        from adaptive_dp.auditing import GradientCanaryRun, sgd_momentum
+
+        if isinstance(optimizer.max_grad_norm, (list, tuple)):
+            raise ValueError("gradient canaries need one clipping norm (flat clipping); use canary_mode='input'")
+        self.canary_run = GradientCanaryRun(
+            count=options.canaries, params=list(optimizer.params), max_grad_norm=float(optimizer.max_grad_norm),
+            sample_rate=self.sample_rate, seed=options.seed, kind=options.canary_kind,
+            momentum=sgd_momentum(optimizer),
+        )
+        self.canary_run.attach(optimizer)
 
     def _prepare_plan(self, options: AdaptiveOptions, budget: _Budget | None, data_loader: DataLoader,
                       noise_multiplier: float | None, tolerance: float) -> _Plan:
@@ -460,12 +489,36 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             "accountant": self.accountant.mechanism(),
         }
 
+    def canary_audit(self, confidence: float = 0.95, *, delta: float | None = None) -> Any:
+        """The one-run empirical ε lower bound ε̂ of this run from its canaries (Steinke, Nasr & Jagielski 2023).
+
+        Args:
+            confidence: probability that ε̂ is below the run's true ε (the bound holds at this level).
+            delta: δ of the bound (default: the engine's ``target_delta``).
+
+        Returns:
+            :class:`~adaptive_dp.auditing.CanaryAudit` (``epsilon_lower_bound``, ``canaries``, ``guesses``,
+            ``correct``, ``confidence``, ``delta``, ``mode``, ``k``).
+
+        Raises:
+            RuntimeError: the run has no canaries (``make_private(..., canaries=M)``).
+        """
+        if self.canary_run is None:
+            raise RuntimeError("this run has no canaries: pass canaries=1000 (and canary_mode=) to make_private")
+        delta = self.target_delta if delta is None else float(delta)
+        if self.options.canary_mode == "input":
+            model = self._module._module if isinstance(self._module, AbstractGradSampleModule) else self._module
+            return self.canary_run.audit(model=model, delta=delta, confidence=confidence)
+        return self.canary_run.audit(delta=delta, confidence=confidence)
+
     # ------------------------------------------------------------------ checkpoints
     def adaptive_state_dict(self) -> dict[str, Any]:
         """The control loop's state (controller, monitor, filter, history, pending reading, σ bookkeeping)."""
         if self.control_loop is None:
             raise RuntimeError("make_private has not been called; there is no adaptive state to save")
-        return self.control_loop.state_dict()
+        state = self.control_loop.state_dict()
+        state["canaries"] = None if self.canary_run is None else self.canary_run.state_dict()
+        return state
 
     def load_adaptive_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`adaptive_state_dict` into an engine set up by the same ``make_private`` call.
@@ -479,6 +532,10 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if self.control_loop is None:
             raise RuntimeError("call make_private with the settings of the saved run before loading its state")
         self.control_loop.load_state_dict(state)
+        if (state.get("canaries") is None) != (self.canary_run is None):
+            raise ValueError("the checkpoint and this engine disagree on canaries; use the saved run's canaries=")
+        if self.canary_run is not None:
+            self.canary_run.load_state_dict(state["canaries"])
         if self.controller is not None and self._optimizer is not None:
             self._optimizer.noise_multiplier = self.control_loop.last_set_sigma
 

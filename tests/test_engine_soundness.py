@@ -192,3 +192,30 @@ def test_history_key_mi_gap_still_reads_with_a_deprecation_warning():
     assert record["critic_gap"] is not None and "mi_gap" not in record
     with pytest.warns(DeprecationWarning, match="critic_gap"):
         assert record["mi_gap"] == record["critic_gap"]
+
+
+# ------------------------------------------------------------------------------ canaries through the engine
+def test_engine_gradient_canaries_power_at_sigma_zero_and_checkpoint_state(tmp_path):
+    from adaptive_dp.data import load_dataset
+
+    train = load_dataset("digits", split="train")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = AdaptivePrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(train, batch_size=64), noise_multiplier=0.0,
+        max_grad_norm=10.0, canaries=1000,
+    )
+    for _ in range(10):  # 230 steps (helper measurement: 500/500 right guesses at σ = 0)
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    audit = engine.canary_audit(confidence=0.95)
+    assert audit.canaries == 1000 and audit.mode == "gradient"
+    assert audit.epsilon_lower_bound >= 3.0  # no noise: the canaries are found (power)
+    state = engine.adaptive_state_dict()
+    assert state["canaries"] is not None
+    with pytest.raises(RuntimeError, match="no canaries"):
+        _make_private(DataLoader(_data(), batch_size=16))[0].canary_audit()

@@ -46,6 +46,13 @@ class AdaptiveOptions:
         seed: seed of the monitor (and of an ``audit_fraction`` split).
         controller_options: extra keywords for ``controllers.build_controller``.
         monitor_options: extra keywords for :class:`~adaptive_dp.leakage.LeakageMonitor`.
+        canaries: m canaries for a one-run audit (``engine.canary_audit()``; Steinke, Nasr & Jagielski 2023); 0 = none
+            (they then cost nothing). Each is included with probability 1/2 and, when included, sampled like any
+            example at the run's q (q unchanged); they never touch the audit split.
+        canary_mode: ``"gradient"`` (white box: canary gradients of norm C added to the clipped sum, scored from the
+            sequence of models; plain SGD or SGD with momentum) or ``"input"`` (black box: mislabelled training
+            examples, scored by their loss under the final model).
+        canary_kind: gradient canaries' directions: ``"dirac"`` (one coordinate each; O(m) memory) or ``"random"``.
         meter_guard: check a learned estimator against the likelihood-ratio reference and never let it lower σ
             while it cannot see the leakage (:mod:`adaptive_dp.control.guard`); on by default.
     """
@@ -67,6 +74,9 @@ class AdaptiveOptions:
     seed: int = 0
     controller_options: Mapping[str, Any] = field(default_factory=dict)
     monitor_options: Mapping[str, Any] = field(default_factory=dict)
+    canaries: int = 0
+    canary_mode: str = "gradient"
+    canary_kind: str = "dirac"
     meter_guard: bool = True
 
     def __post_init__(self) -> None:
@@ -117,6 +127,14 @@ class AdaptiveOptions:
             raise ValueError(f"monitor_every must be an integer >= 1 (optimizer steps), got {every!r}")
         if self.audit_data is not None and self.audit_fraction:
             raise ValueError("pass either audit_data or audit_fraction, not both")
+        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0 or (
+            self.canaries == 1
+        ):
+            raise ValueError(f"canaries must be 0 (none) or an integer >= 2, got {self.canaries!r}")
+        if self.canary_mode not in ("gradient", "input"):
+            raise ValueError(f"canary_mode must be 'gradient' or 'input', got {self.canary_mode!r}")
+        if self.canary_kind not in ("dirac", "random"):
+            raise ValueError(f"canary_kind must be 'dirac' or 'random', got {self.canary_kind!r}")
         if self.total_steps is not None and self.epochs is not None:
             raise ValueError("pass either total_steps or epochs, not both")
         if self.target_mi is not None and not self.wants_audit and (

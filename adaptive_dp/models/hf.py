@@ -85,8 +85,9 @@ def load_local_pretrained(path: str | os.PathLike, *, num_classes: int | None = 
             f"{folder} is not a save_pretrained directory (no config.json there); pass the folder written by "
             "model.save_pretrained(folder) — models are never downloaded from a hub here"
         )
-    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) != num_classes
-                                    or num_classes < 1):
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1
+    ):
         raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
     transformers = require_transformers()
     extra = {} if num_classes is None else {"num_labels": int(num_classes), "ignore_mismatched_sizes": True}

@@ -33,8 +33,18 @@ PATCH_SIZE = 4
 
 #: ``--model`` name → the ``ViTConfig`` fields that set its size.
 VIT_SIZES: dict[str, dict[str, int]] = {
-    "vit-tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
-    "vit-small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 512},
+    "vit-tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 256,
+    },
+    "vit-small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "intermediate_size": 512,
+    },
 }
 
 
@@ -56,8 +66,9 @@ def vit_config(size: str, *, in_channels: int, num_classes: int, image_size: int
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
     if image_size < PATCH_SIZE:
-        raise ValueError(f"a ViT with {PATCH_SIZE}×{PATCH_SIZE} patches needs image_size >= {PATCH_SIZE}, "
-                         f"got {image_size}")
+        raise ValueError(
+            f"a ViT with {PATCH_SIZE}×{PATCH_SIZE} patches needs image_size >= {PATCH_SIZE}, got {image_size}"
+        )
     transformers = require_transformers()
     return transformers.ViTConfig(
         image_size=image_size,

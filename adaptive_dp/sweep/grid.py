@@ -71,7 +71,9 @@ class Grid:
             argv = [t for d, v in chosen.items() for t in (self.options[d].flag, format_arg(v))]
             argv += [self.options[d].flag for d in self.flags]
             name = run_name(chosen, self.varying)
-            runs.append(GridRun(name=name, options={**chosen, **dict.fromkeys(self.flags, True)}, argv=tuple(argv)))
+            runs.append(
+                GridRun(name=name, options={**chosen, **dict.fromkeys(self.flags, True)}, argv=tuple(argv))
+            )
         names = [r.name for r in runs]
         clashes = sorted({n for n in names if names.count(n) > 1})
         if clashes:

@@ -123,7 +123,8 @@ def given_values(
     Returns:
         ``(axes, flags, shared)``: ``axes`` maps the destination of every single-value option given to its
         values (duplicates dropped, order kept; one value is an axis of length 1), in train's option order;
-        ``flags`` the destinations of the flags given; ``shared`` the :data:`SHARED` options given (not None).
+        ``flags`` the destinations of the flags given; ``shared`` the :data:`SHARED` options given (other than
+        train's default).
     """
     axes: dict[str, list[Any]] = {}
     flags: list[str] = []
@@ -131,7 +132,7 @@ def given_values(
     for dest, option in options.items():
         value = getattr(args, dest, None)
         if option.shared:
-            if value is not None:
+            if value is not None and value != option.default:
                 shared[dest] = value
         elif not option.takes_value:
             if value is not None and value != option.default:

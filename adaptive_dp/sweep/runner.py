@@ -88,7 +88,9 @@ def train_command(run: GridRun, *, path: Path, state: str, shared: dict[str, str
     command = [sys.executable, "-m", "adaptive_dp.cli", "train"]
     if state == INTERRUPTED:  # the run's saved options; only the W&B mode may change
         resume = flags["resume"]
-        command += [resume.option_strings[0], str(path)] if resume.nargs != 0 else ["--out", str(path), "--resume"]
+        command += (
+            [resume.option_strings[0], str(path)] if resume.nargs != 0 else ["--out", str(path), "--resume"]
+        )
         if "wandb_mode" in shared:
             command += ["--wandb-mode", shared["wandb_mode"]]
         return [*command, "--no-progress"]
@@ -105,7 +107,9 @@ def launch_train(command: Sequence[str], *, log: Path, env: dict[str, str]) -> i
     with open(log, "a", encoding="utf-8") as stream:
         stream.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         stream.flush()
-        return subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        return subprocess.run(
+            command, stdout=stream, stderr=subprocess.STDOUT, env=env, check=False
+        ).returncode
 
 
 def child_env(*, group: str, jobs: int) -> dict[str, str]:

@@ -64,15 +64,24 @@ def write_sweep_yaml(path: str | os.PathLike, config: Mapping[str, Any]) -> Path
         f"#   wandb sweep {path.name}    then    wandb agent ENTITY/PROJECT/SWEEP_ID\n"
         "# (`program` is informational: `command` runs `python -m adaptive_dp.cli train --option=value ...`)\n"
     )
-    path.write_text(header + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    path.write_text(
+        header + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
     return path
 
 
-def frontier_table_rows(rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> tuple[list[str], list[list]]:
+def frontier_table_rows(
+    rows: Sequence[Mapping[str, Any]], axes: Sequence[str]
+) -> tuple[list[str], list[list]]:
     """Columns and data of the frontier table: name, the sweep's axes, the summary figures, on_front."""
     columns = ["name", *axes, *SUMMARY_FIELDS, "on_front"]
     data = [
-        [row["name"], *(row["options"].get(a) for a in axes), *(row.get(k) for k in SUMMARY_FIELDS), row.get("on_front")]
+        [
+            row["name"],
+            *(row["options"].get(a) for a in axes),
+            *(row.get(k) for k in SUMMARY_FIELDS),
+            row.get("on_front"),
+        ]
         for row in rows
     ]
     return columns, data

@@ -28,6 +28,24 @@ SCHEDULE_CONTROLLERS = tuple(SCHEDULES)
 CONTROLLER_NAMES = FEEDBACK_CONTROLLERS + SCHEDULE_CONTROLLERS
 #: W&B modes ``--wandb-mode`` accepts.
 WANDB_MODES = ("offline", "online", "disabled")
+#: opacus' per-sample-gradient modes ``--grad-sample-mode`` accepts; "auto" is the fastest correct one for the
+#: model (:func:`adaptive_dp.training.setup.resolve_grad_sample_mode`).
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+#: options that only mean something under DP-SGD: ``non_private`` refuses values other than their defaults.
+DP_ONLY_OPTIONS = (
+    "target_epsilon",
+    "target_mi",
+    "controller",
+    "sigma_min",
+    "sigma_max",
+    "sigma_end",
+    "noise_multiplier",
+    "max_grad_norm",
+    "estimator",
+    "token_encoder",
+    "monitor_every",
+    "grad_sample_mode",
+)
 
 
 @dataclass
@@ -80,6 +98,14 @@ class TrainConfig:
             epoch's mean batch loss) in ``history.jsonl``, W&B and the summary. They are computed on the
             private training batches *without* noise, so ε does not cover them (the batch size of Poisson
             sampling leaks membership by itself); off by default, and ``summary.json`` says which.
+        grad_sample_mode: opacus' per-sample-gradient mode: "hooks", "functorch", "ew", "ghost" (ghost clipping:
+            no per-sample gradients are stored, ``make_private`` returns a criterion), or "auto", the fastest
+            correct mode measured for the model (:data:`adaptive_dp.training.setup.FASTEST_GRAD_SAMPLE_MODE`).
+        non_private: train the same model on the same data with the plain optimizer: no clipping, no noise, no
+            accountant, no monitor (ε = ∞, reported as null with ``non_private: true``). The reference point of
+            every trade-off; the DP-only options (:data:`DP_ONLY_OPTIONS`) must keep their defaults.
+        force: accept an audit split that leaves fewer training examples than a batch, or fewer than half of
+            the data set (refused by default: almost nothing would be trained on).
     """
 
     dataset: str = "digits"
@@ -112,6 +138,9 @@ class TrainConfig:
     num_workers: int = 0
     dist_timeout: float = 60.0
     log_private_metrics: bool = False
+    grad_sample_mode: str = "auto"
+    non_private: bool = False
+    force: bool = False
 
     def validate(self) -> None:
         """Check every option.
@@ -141,8 +170,12 @@ class TrainConfig:
             _positive_float("target_epsilon", self.target_epsilon)
         if self.target_mi is not None:
             _positive_float("target_mi", self.target_mi)
-        if not isinstance(self.log_private_metrics, bool):
-            raise ValueError(f"log_private_metrics must be True or False, got {self.log_private_metrics!r}")
+        for name in ("log_private_metrics", "non_private", "force"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _one_of("grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if self.non_private:
+            self._validate_non_private()
         self._validate_adaptive()
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("device", self.device, DEVICES)
@@ -202,10 +235,21 @@ class TrainConfig:
                 "monitor off, or --estimator token-mine"
             )
 
+    def _validate_non_private(self) -> None:
+        """``non_private`` with DP-only options changed from their defaults is refused (see :meth:`validate`)."""
+        defaults = TrainConfig()
+        given = [name for name in DP_ONLY_OPTIONS if getattr(self, name) != getattr(defaults, name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(
+                f"--non-private trains without clipping, noise, accountant or leakage monitor, so {flags} "
+                f"would do nothing: drop {flags}, or drop --non-private for a DP-SGD run"
+            )
+
     @property
     def monitor_on(self) -> bool:
-        """Whether the leakage monitor runs (an audit split is carved off)."""
-        return bool(self.audit_fraction)
+        """Whether the leakage monitor runs (an audit split is carved off and the run is private)."""
+        return bool(self.audit_fraction) and not self.non_private
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (JSON-able)."""
