@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 import adaptive_dp.accountants.rdp  # noqa: F401  (registers the "rdp_incremental" accountant with opacus)
 from adaptive_dp import distributed as ddp
 from adaptive_dp.accountants.filter import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.accountants.odometer import RenyiOdometer
 from adaptive_dp.control.loop import NoiseControlLoop
 from adaptive_dp.control.options import DEFAULT_MONITOR_EVERY, AdaptiveOptions
 from adaptive_dp.leakage.audit import as_audit_dataset, carve_audit_split
@@ -255,7 +256,6 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         )
         optimizer.attach_control_loop(self.control_loop)
         self._prepare_gradient_canaries(options, optimizer)
-        self._warn_without_guarantee(budget)
         if monitor is not None:  # the first reading, before step 1
             self.control_loop.pending = self.control_loop.read(max_grad_norm=clipping_norm(optimizer))
         return out
@@ -441,7 +441,8 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             monitor=monitor, budget_filter=budget_filter, sigma_max=self.sigma_max, target_mi=self.target_mi,
             monitor_every=options.monitor_every, target_delta=delta,
             cheap_epsilon=self.accountant.mechanism() in _CHEAP_ACCOUNTANTS, on_exhausted=self._save_on_exhaustion,
-            distributed=distributed, guard=guard,
+            distributed=distributed, guard=guard, sample_rate=self.sample_rate,
+            odometer=RenyiOdometer() if budget is None and _data_adaptive(controller) else None,
         )
 
     def _check_optimizer(self, optimizer: DPOptimizer, controller: Any) -> None:
@@ -451,15 +452,6 @@ class AdaptivePrivacyEngine(PrivacyEngine):
                 "decided; use clipping='flat' for a controller under DDP"
             )
 
-    def _warn_without_guarantee(self, budget: _Budget | None) -> None:
-        if self.target_mi is not None and budget is None:
-            warnings.warn(
-                "target_mi without a privacy budget: σ now depends on the data through the audit readings, and "
-                "get_epsilon() is an odometer reading, not a formal (ε, δ) guarantee; use "
-                "make_private_with_epsilon(target_epsilon=..., target_delta=..., epochs=...) for one",
-                UserWarning, stacklevel=4,
-            )
-
     def _save_on_exhaustion(self) -> None:
         path = self.options.checkpoint_path
         if path is not None and self._module is not None:
@@ -467,24 +459,51 @@ class AdaptivePrivacyEngine(PrivacyEngine):
 
     # ------------------------------------------------------------------ privacy reports
     @property
+    def guarantee_kind(self) -> str:
+        """Which theorem stands behind :attr:`guarantee_epsilon` (docs/accounting.md).
+
+        ``"renyi-filter"``: a hard budget (Feldman & Zrnic 2021, Thm 3.1); ``"renyi-odometer"``: σ chosen from the
+        data's leakage readings without a budget (a supermartingale mixture over RDP orders, valid at any stopping
+        time); ``"composition"``: σ fixed in advance (given or scheduled), where the accountant's composition is the
+        guarantee.
+        """
+        if self.budget_filter is not None:
+            return "renyi-filter"
+        if self.control_loop is not None and self.control_loop.odometer is not None:
+            return "renyi-odometer"
+        return "composition"
+
+    @property
     def guarantee_epsilon(self) -> float | None:
-        """The formal ε (at the budget's δ) the Rényi filter guarantees; None without a budget."""
-        budget_filter = self.budget_filter
-        return None if budget_filter is None else float(budget_filter.guarantee_epsilon)
+        """The formal ε at :attr:`target_delta` for the run so far (see :attr:`guarantee_kind`); None before a step.
+
+        With a budget it is the filter's target (fixed up front); with data-adaptive σ and no budget, the Rényi
+        odometer's ε (≥ the composition); with σ fixed in advance, the accountant's composition.
+        """
+        kind = self.guarantee_kind
+        if kind == "renyi-filter":
+            return float(self.budget_filter.guarantee_epsilon)
+        if not self.history:
+            return None
+        if kind == "renyi-odometer":
+            return float(self.control_loop.odometer.get_epsilon(self.target_delta))
+        return float(self.get_epsilon(self.target_delta))
 
     def privacy_summary(self, delta: float | None = None) -> dict[str, Any]:
         """Both privacy figures, labelled: the filter's guarantee and the accountant's odometer.
 
         Returns:
-            ``{"steps", "delta", "guarantee_epsilon" (None without a budget), "odometer_epsilon", "accountant"}``;
-            the odometer is ``get_epsilon(delta)``, the composition of the σ history used, which is not a
-            guarantee when σ was chosen adaptively without a budget.
+            ``{"steps", "delta", "guarantee_epsilon", "guarantee_kind", "odometer_epsilon", "accountant"}``: the
+            guarantee at the engine's ``target_delta`` (:attr:`guarantee_epsilon`), and the odometer
+            ``get_epsilon(delta)``, the accountant's composition of the σ history used (opacus' meaning; not a
+            guarantee by itself when σ was chosen from the data).
         """
         delta = self.target_delta if delta is None else float(delta)
         return {
             "steps": len(self.history),
             "delta": delta,
             "guarantee_epsilon": self.guarantee_epsilon,
+            "guarantee_kind": self.guarantee_kind,
             "odometer_epsilon": float(self.get_epsilon(delta)) if len(self.history) else 0.0,
             "accountant": self.accountant.mechanism(),
         }
@@ -572,6 +591,13 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if state is not None and self.control_loop is not None:
             self.load_adaptive_state_dict(state)
         return checkpoint
+
+
+def _data_adaptive(controller: Any) -> bool:
+    """Whether σ may depend on the data (any controller but an open-loop schedule, whose σ is fixed in advance)."""
+    from controllers import Schedule
+
+    return controller is not None and not isinstance(controller, Schedule)
 
 
 def _noise_search_accountant(mechanism: str) -> str:

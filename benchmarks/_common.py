@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,16 +32,31 @@ if str(REPO_ROOT) not in sys.path:  # the scripts run from a checkout, without i
 def base_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark takes.
 
-    Options: ``--quick`` (≤ 3 min on 2 cores), ``--data-dir`` (data root), ``--out-dir`` (results folder,
-    default ``benchmarks/results``), ``--seed`` (default 0), ``--threads`` (torch intra-op threads, default 1).
+    Options: ``--quick`` (≤ 3 min on 2 cores), ``--smoke`` (the tiniest configuration, seconds: it checks the
+    plumbing, its numbers mean nothing; the benchmarks' contract test runs it), ``--data-dir`` (data root),
+    ``--out-dir`` (results folder, default ``benchmarks/results``), ``--seed`` (default 0), ``--threads`` (torch
+    intra-op threads, default 1).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small configuration: ≤ 3 minutes on 2 cores")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiniest configuration (seconds; checks the plumbing, the numbers mean nothing)")
     parser.add_argument("--data-dir", default=None, help=f"data root (default ${DATA_ENV}, else ../shared/data)")
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the .json/.md/.png go")
+    parser.add_argument("--out-dir", default=None,
+                        help="where the .json/.md/.png go (default benchmarks/results; --smoke: a new temporary "
+                             "folder, so a smoke run never touches the committed results)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data subsets, models and noise")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the options of :func:`base_parser`; fills in ``out_dir`` (``benchmarks/results``, or a new temporary
+    folder for ``--smoke``)."""
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = tempfile.mkdtemp(prefix="adaptive-dp-smoke-") if args.smoke else str(RESULTS_DIR)
+    return args
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -158,12 +174,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digi
     return "\n".join(lines)
 
 
-def provenance_block(*, quick: bool, started: float, extra: dict[str, Any] | None = None) -> str:
+def provenance_block(*, quick: bool, started: float, extra: dict[str, Any] | None = None, smoke: bool = False) -> str:
     """The Markdown lines every result file starts with: mode, exact command, machine, wall time."""
     machine = machine_description()
     gpu = machine["gpu"] or "no GPU"
+    mode = ("SMOKE (`--smoke`: the plumbing only, the numbers mean nothing)" if smoke
+            else "QUICK (`--quick`: a small configuration, not the full benchmark)" if quick else "full")
     lines = [
-        f"- **Mode:** {'QUICK (`--quick`: a small configuration, not the full benchmark)' if quick else 'full'}",
+        f"- **Mode:** {mode}",
         f"- **Command:** `{command_line()}`",
         f"- **Machine:** {machine['cores']} cores ({machine['cpu']}), {gpu}, torch {machine['torch']} with "
         f"{machine['torch_threads']} thread(s), opacus {machine['opacus']}, Python {machine['python']}",
@@ -211,17 +229,18 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(_clean(summary), separators=(",", ":")), flush=True)
 
 
-def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool) -> dict[str, dict]:
-    """Per-data-set results of an earlier invocation of the same mode (quick or full) at ``path``, updated
-    with ``by_dataset``: full runs may be split by ``--dataset`` and still end in one set of result files.
-    An unreadable or other-mode file is ignored."""
+def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool, smoke: bool = False
+                   ) -> dict[str, dict]:
+    """Per-data-set results of an earlier invocation of the same mode (smoke, quick or full) at ``path``,
+    updated with ``by_dataset``: full runs may be split by ``--dataset`` and still end in one set of result
+    files. An unreadable or other-mode file is ignored."""
     if not path.exists():
         return by_dataset
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return by_dataset
-    if old.get("quick") != quick:
+    if old.get("quick") != quick or bool(old.get("smoke")) != smoke:
         return by_dataset
     merged = dict(old.get("by_dataset", {}))
     merged.update(by_dataset)
@@ -248,7 +267,7 @@ def per_dataset_results(args: argparse.Namespace, json_path: Path, datasets: lis
     """
     started = time.time()
     if getattr(args, "report_only", False):
-        by_dataset = merge_previous(json_path, {}, quick=args.quick)
+        by_dataset = merge_previous(json_path, {}, quick=args.quick, smoke=args.smoke)
         if not by_dataset:
             raise SystemExit(f"--report-only: no {'quick' if args.quick else 'full'}-mode results in {json_path}")
         return by_dataset, started - sum(float(d.get("seconds", 0.0)) for d in by_dataset.values())
@@ -256,7 +275,7 @@ def per_dataset_results(args: argparse.Namespace, json_path: Path, datasets: lis
     for name in datasets:
         by_dataset[name] = run(name)
         by_dataset[name]["command"] = command_line()
-    return merge_previous(json_path, by_dataset, quick=args.quick), started
+    return merge_previous(json_path, by_dataset, quick=args.quick, smoke=args.smoke), started
 
 
 def dataset_command(script: str, name: str, result: dict) -> str:

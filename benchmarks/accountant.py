@@ -7,21 +7,25 @@ and times :meth:`adaptive_dp.accountants.filter.RenyiFilter.floor` per call over
     python benchmarks/accountant.py --quick     # ≤ 3 min on 2 cores; opacus RDP timed to 1 000 steps and
                                                 # extrapolated linearly to 5 000 (its cost is O(history))
     python benchmarks/accountant.py             # full mode (≈ 5–20 min): opacus RDP measured at 5 000 steps
+    python benchmarks/accountant.py --smoke     # seconds: ours to 1 000 steps, opacus RDP at 100, no PRV
 
-Writes benchmarks/results/accountant.{json,md,png} and prints one JSON object as the last stdout line.
+Writes accountant.{json,md,png} to ``--out-dir`` (default benchmarks/results) and prints one JSON object as the
+last stdout line: ``ours_ms_10000`` (``ours_ms_1000`` in smoke mode), ``speedup_vs_opacus_rdp``,
+``max_rel_diff``, ``floor_ms_median``, ``speedup_measured``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import _common
 import numpy as np
 
 warnings.filterwarnings("ignore", message="Optimal order is the")
@@ -29,7 +33,6 @@ warnings.filterwarnings("ignore", message="Optimal order is the")
 SAMPLE_RATE = 0.01
 DELTA = 1e-5
 SEED = 0
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sigma_sequence(steps: int) -> np.ndarray:
@@ -127,14 +130,15 @@ def bench_floor(*, planned_steps: int) -> dict:
     }
 
 
-def write_outputs(result: dict, command: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "accountant.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_plot(result)
-    write_markdown(result, command)
+def write_outputs(result: dict, out: Path) -> None:
+    """``accountant.{json,png,md}`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accountant.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_plot(result, out / "accountant.png")
+    (out / "accountant.md").write_text(markdown(result))
 
 
-def write_plot(result: dict) -> None:
+def write_plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,11 +159,11 @@ def write_plot(result: dict) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "accountant.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_markdown(result: dict, command: str) -> None:
+def markdown(result: dict) -> str:
     curves = result["curves"]
     by_steps: dict[int, dict] = {}
     for key in ("ours", "opacus_rdp", "opacus_prv"):
@@ -168,7 +172,8 @@ def write_markdown(result: dict, command: str) -> None:
     lines = [
         "# Accountant benchmark",
         "",
-        f"Command: `{command}`  ",
+        f"Mode: {result['mode']}  ",
+        f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}  ",
         f"Setup: sample rate q = {SAMPLE_RATE}, δ = {DELTA:g}, σ drawn uniformly from [0.8, 1.6] (seed {SEED}), a "
         "different σ every step; time of one `get_epsilon(δ)` call after N steps (ours: median of 21 calls).",
@@ -189,10 +194,11 @@ def write_markdown(result: dict, command: str) -> None:
         )
     s = result["summary"]
     fl = result["floor"]
+    top, ref = result["sizes"]["top"], result["sizes"]["ref"]
     lines += [
         "",
-        f"- `get_epsilon` after 10 000 steps: **{s['ours_ms_10000']:.3f} ms** (target ≤ 50 ms).",
-        f"- Speed-up over opacus RDP at 5 000 steps: **{s['speedup_vs_opacus_rdp']:.0f}×** (target ≥ 1000×; "
+        f"- `get_epsilon` after {top:,} steps: **{s[f'ours_ms_{top}']:.3f} ms** (target ≤ 50 ms).",
+        f"- Speed-up over opacus RDP at {ref:,} steps: **{s['speedup_vs_opacus_rdp']:.0f}×** (target ≥ 1000×; "
         + (
             "measured)."
             if s["speedup_measured"]
@@ -202,13 +208,13 @@ def write_markdown(result: dict, command: str) -> None:
         f"- Max relative ε difference ours vs opacus RDP: **{s['max_rel_diff']:.2e}** (requirement ≤ 1e-9).",
         f"- Booking a step (new σ: one vectorised RDP evaluation over 151 orders): {s['ours_step_ms_mean']:.2f} ms "
         "mean; opacus' `RDPAccountant.step` only appends to its history, the cost moves to `get_epsilon`. "
-        f"All-in (booking 5 000 steps + one `get_epsilon`): {s['ours_booking_plus_epsilon_s_5000']:.1f} s vs "
-        f"{s['opacus_rdp_ms_5000'] / 1e3:.0f} s for opacus' single `get_epsilon`, "
+        f"All-in (booking {ref:,} steps + one `get_epsilon`): {s[f'ours_booking_plus_epsilon_s_{ref}']:.1f} s vs "
+        f"{s[f'opacus_rdp_ms_{ref}'] / 1e3:.0f} s for opacus' single `get_epsilon`, "
         f"{s['speedup_total_vs_opacus_rdp']:.0f}× — and opacus pays its cost again at every call, so ε after "
         "every step is O(N²) for opacus and O(N) here.",
-        f"- PRV over the 10 000-step history via `prv_epsilon` (σ grouped on a grid of ratio {s['prv_grid_ratio']}, each group charged at its "
-        f"smallest σ, an upper bound of the exact PRV figure): ε = {s['prv_grid_epsilon_10000']:.6f} in "
-        f"{s['prv_grid_seconds_10000']:.1f} s; RDP ε at 10 000 steps = {s['ours_epsilon_10000']:.6f}.",
+        f"- PRV over the {top:,}-step history via `prv_epsilon` (σ grouped on a grid of ratio {s['prv_grid_ratio']}, each group charged at its "
+        f"smallest σ, an upper bound of the exact PRV figure): ε = {s[f'prv_grid_epsilon_{top}']:.6f} in "
+        f"{s[f'prv_grid_seconds_{top}']:.1f} s; RDP ε at {top:,} steps = {s[f'ours_epsilon_{top}']:.6f}.",
         f"- Rényi filter floor (ε = 3, δ = {DELTA:g}, q = {SAMPLE_RATE}, {fl['planned_steps']} planned steps, random "
         f"controller adding noise above the floor on 30 % of steps, {fl['steps_taken']} steps until σ_max = 10 "
         f"could not pay): median **{fl['floor_ms_median']:.3f} ms** per call, p95 {fl['floor_ms_p95']:.3f} ms, "
@@ -220,76 +226,98 @@ def write_markdown(result: dict, command: str) -> None:
         "![get_epsilon time](accountant.png)",
         "",
     ]
-    (RESULTS / "accountant.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="≤ 3 min: opacus RDP to 1 000 steps, PRV to 100")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Sizes:
+    """Steps at which each accountant is timed. ``top``: the largest of ours (``ours_ms_<top>``); ``ref``: the
+    steps of the speed-up figure (opacus RDP measured there, or extrapolated linearly from its largest point)."""
 
-    import torch
+    ours: tuple[int, ...] = (100, 300, 1000, 3000, 5000, 10000)
+    rdp: tuple[int, ...] = (100, 300, 1000, 3000, 5000)
+    prv: tuple[int, ...] = (100, 300, 1000, 3000)
+    grid_ratio: float = 1.01
+    floor_steps: int = 5000
+    ref: int = 5000
 
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import opacus
+    @property
+    def top(self) -> int:
+        return max(self.ours)
 
-    from adaptive_dp.accountants.rdp import prv_epsilon
 
-    ours_points = [100, 300, 1000, 3000, 5000, 10000]
-    rdp_points = [100, 300, 1000] if args.quick else [100, 300, 1000, 3000, 5000]
-    prv_points = [100] if args.quick else [100, 300, 1000, 3000]
-    sigmas = sigma_sequence(max(ours_points))
+QUICK = Sizes(rdp=(100, 300, 1000), prv=(100,), grid_ratio=1.05, floor_steps=1000)
+SMOKE = Sizes(ours=(100, 300, 1000), rdp=(100,), prv=(), grid_ratio=1.05, floor_steps=200, ref=1000)
 
-    ours = bench_ours(sigmas, ours_points)
-    opacus_rdp = bench_opacus_rdp(sigmas, rdp_points)
-    opacus_prv = bench_opacus_prv(sigmas, prv_points, limit_s=60.0)
-    t0 = time.perf_counter()
-    grid_ratio = 1.05 if args.quick else 1.01
-    prv_grid = prv_epsilon(ours["history"], delta=DELTA, grid_ratio=grid_ratio)
-    prv_grid_s = time.perf_counter() - t0
-    floor = bench_floor(planned_steps=1000 if args.quick else 5000)
 
+def summarize(ours: dict, opacus_rdp: list[dict], opacus_prv: list[dict], prv_grid: tuple[float, float],
+              floor: dict, sizes: Sizes) -> dict:
+    """The headline figures; ``*_ms_<top>`` / ``*_<ref>`` keys name the steps they were measured at."""
     ours_by = {r["steps"]: r for r in ours["rows"]}
+    top, ref = ours_by[sizes.top], ours_by[sizes.ref]
     rel = [abs(ours_by[r["steps"]]["epsilon"] - r["epsilon"]) / r["epsilon"] for r in opacus_rdp]
     last = opacus_rdp[-1]
-    opacus_ms_5000 = last["ms"] * 5000 / last["steps"]  # measured when last["steps"] == 5000
-    summary = {
-        "ours_ms_10000": ours_by[10000]["ms"],
-        "speedup_vs_opacus_rdp": opacus_ms_5000 / ours_by[5000]["ms"],
-        "speedup_measured": last["steps"] == 5000,
+    opacus_ms_ref = last["ms"] * sizes.ref / last["steps"]  # measured when last["steps"] == ref
+    all_in = ref["step_ms_mean"] * sizes.ref + ref["ms"]
+    return {
+        f"ours_ms_{sizes.top}": top["ms"],
+        "speedup_vs_opacus_rdp": opacus_ms_ref / ref["ms"],
+        "speedup_measured": last["steps"] == sizes.ref,
         "opacus_rdp_max_steps": last["steps"],
-        "opacus_rdp_ms_5000": opacus_ms_5000,
+        f"opacus_rdp_ms_{sizes.ref}": opacus_ms_ref,
         "max_rel_diff": float(max(rel)),
-        "ours_epsilon_10000": ours_by[10000]["epsilon"],
-        "ours_step_ms_mean": ours_by[10000]["step_ms_mean"],
-        "prv_max_steps": opacus_prv[-1]["steps"],
-        "ours_booking_plus_epsilon_s_5000": (ours_by[5000]["step_ms_mean"] * 5000 + ours_by[5000]["ms"]) / 1e3,
-        "speedup_total_vs_opacus_rdp": opacus_ms_5000
-        / (ours_by[5000]["step_ms_mean"] * 5000 + ours_by[5000]["ms"]),
-        "prv_grid_ratio": grid_ratio,
-        "prv_grid_epsilon_10000": prv_grid,
-        "prv_grid_seconds_10000": prv_grid_s,
+        f"ours_epsilon_{sizes.top}": top["epsilon"],
+        "ours_step_ms_mean": top["step_ms_mean"],
+        "prv_max_steps": opacus_prv[-1]["steps"] if opacus_prv else None,
+        f"ours_booking_plus_epsilon_s_{sizes.ref}": all_in / 1e3,
+        "speedup_total_vs_opacus_rdp": opacus_ms_ref / all_in,
+        "prv_grid_ratio": sizes.grid_ratio,
+        f"prv_grid_epsilon_{sizes.top}": prv_grid[0],
+        f"prv_grid_seconds_{sizes.top}": prv_grid[1],
         "floor_ms_median": floor["floor_ms_median"],
         "floor_ms_p95": floor["floor_ms_p95"],
     }
-    command = "python benchmarks/accountant.py" + (" --quick" if args.quick else "")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    args = _common.parse_args(parser, argv)
+    _common.setup_torch(args.threads)
+    import opacus
+    import torch
+
+    from adaptive_dp.accountants.rdp import prv_epsilon
+
+    sizes = SMOKE if args.smoke else QUICK if args.quick else Sizes()
+    sigmas = sigma_sequence(sizes.top)
+    ours = bench_ours(sigmas, list(sizes.ours))
+    opacus_rdp = bench_opacus_rdp(sigmas, list(sizes.rdp))
+    opacus_prv = bench_opacus_prv(sigmas, list(sizes.prv), limit_s=60.0)
+    t0 = time.perf_counter()
+    prv_grid = (prv_epsilon(ours["history"], delta=DELTA, grid_ratio=sizes.grid_ratio), time.perf_counter() - t0)
+    floor = bench_floor(planned_steps=sizes.floor_steps)
+    summary = summarize(ours, opacus_rdp, opacus_prv, prv_grid, floor, sizes)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     result = {
-        "mode": "quick" if args.quick else "full",
-        "command": command,
+        "mode": mode,
+        "command": _common.command_line(),
         "machine": f"{os.cpu_count()} CPU cores, no GPU, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, opacus {opacus.__version__}, "
-        f"numpy {np.__version__}; torch threads 1",
+        f"numpy {np.__version__}; torch threads {torch.get_num_threads()}",
         "sample_rate": SAMPLE_RATE,
         "delta": DELTA,
+        "sizes": {"top": sizes.top, "ref": sizes.ref},
         "curves": {"ours": ours["rows"], "opacus_rdp": opacus_rdp, "opacus_prv": opacus_prv},
         "floor": floor,
         "summary": summary,
-        **{k: summary[k] for k in ("ours_ms_10000", "speedup_vs_opacus_rdp", "max_rel_diff")},
+        **{k: summary[k] for k in (f"ours_ms_{sizes.top}", "speedup_vs_opacus_rdp", "max_rel_diff")},
     }
-    write_outputs(result, command)
-    print(json.dumps({k: result[k] for k in ("mode", "ours_ms_10000", "speedup_vs_opacus_rdp", "max_rel_diff")}
-                     | {"floor_ms_median": floor["floor_ms_median"], "speedup_measured": summary["speedup_measured"]}))
+    write_outputs(result, Path(args.out_dir))
+    headline = {"benchmark": "accountant", "mode": mode}
+    for key in (f"ours_ms_{sizes.top}", "speedup_vs_opacus_rdp", "max_rel_diff", "floor_ms_median",
+                "speedup_measured"):
+        headline[key] = summary[key]
+    _common.print_summary(headline)
     return result
 
 

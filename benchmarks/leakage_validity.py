@@ -23,6 +23,7 @@ A pair where one side is constant over all points has no ρ (reported as null).
     python benchmarks/leakage_validity.py --quick                 # ≤ 3 min on 2 cores, MNIST + CIFAR-10
     python benchmarks/leakage_validity.py --dataset mnist         # full mode, one data set per invocation
     python benchmarks/leakage_validity.py --dataset cifar10       # (results of both are merged)
+    python benchmarks/leakage_validity.py --smoke                 # seconds, digits: the plumbing only
 
 Writes ``benchmarks/results/leakage_validity.{json,md,png}`` and prints one JSON object as the last stdout line.
 """
@@ -95,6 +96,12 @@ QUICK = ValidityConfig(
     sigmas=(1e-4, 1e-3, 1e-2, 0.1, 0.5, 2.0), stage_epochs=(0, 1, 2), n_audit=32, n_attack=2, n_train=1024,
     lr=3e-3, lr_draws=1, id_trials=4, token_encoders=("span", "autoencoder"), token_reads=1,
     dlg_iterations=40, ig_iterations=150, dlg_restarts=1, i2f_probes=2,
+)
+#: ``--smoke``: digits, the tiniest grid (seconds; checks the plumbing, the numbers mean nothing)
+SMOKE = ValidityConfig(
+    sigmas=(1e-3, 0.3, 3.0), stage_epochs=(0, 1), n_audit=12, n_attack=1, n_train=128, lr_draws=1, id_trials=2,
+    token_encoders=("projection",), token_reads=1, dlg_iterations=3, ig_iterations=3, dlg_restarts=1,
+    i2f_probes=2,
 )
 
 
@@ -565,7 +572,7 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
     head = payload["headline"]
     extra = _common.REBUILT_NOTE if rebuilt else None
     lines = [f"# Leakage validity: do the meters track real attacks?{' (QUICK MODE)' if quick else ''}", "",
-             _common.provenance_block(quick=quick, started=started, extra=extra), ""]
+             _common.provenance_block(quick=quick, smoke=payload.get("smoke", False), started=started, extra=extra), ""]
     for name, d in sorted(payload["by_dataset"].items()):
         c = d["config"]
         lines += [f"- **{name}:** audit = {c['n_audit']} random TEST images (never trained on), attacked images "
@@ -637,25 +644,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="data set(s) to run (default: mnist and cifar10); results of earlier invocations "
                              "of the same mode are merged")
     _common.add_report_only(parser)
-    args = parser.parse_args(argv)
+    args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
-    config = replace(QUICK if args.quick else ValidityConfig(), seed=args.seed)
+    config = replace(SMOKE if args.smoke else QUICK if args.quick else ValidityConfig(), seed=args.seed)
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
     by_dataset, started = _common.per_dataset_results(
-        args, json_path, args.dataset or ["mnist", "cifar10"],
+        args, json_path, args.dataset or (["digits"] if args.smoke else ["mnist", "cifar10"]),
         lambda d: run_dataset(d, config=config, data_dir=args.data_dir))
     if args.report_only:
         for d in by_dataset.values():  # the correlations follow the current definitions (e.g. tie handling)
             d["correlations"] = correlations(d["points"], d["meters"])
     head = headline(by_dataset)
-    payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
+    payload = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "command": _common.command_line(),
                "machine": _common.machine_description(), **head, "headline": head, "by_dataset": by_dataset}
     _common.write_json(json_path, payload)
     plot(by_dataset, out_dir / f"{NAME}.png")
     _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick,
                                                             rebuilt=args.report_only))
-    summary = {"benchmark": NAME, "quick": args.quick, **head, "seconds": round(time.time() - started, 1)}
+    summary = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, **head, "seconds": round(time.time() - started, 1)}
     _common.print_summary(summary)
     return summary
 

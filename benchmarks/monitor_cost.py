@@ -16,6 +16,7 @@ Three measurements:
 
     python benchmarks/monitor_cost.py --quick      # ≤ 3 min on 2 cores
     python benchmarks/monitor_cost.py              # full: more repeats, N = 256 on the curves
+    python benchmarks/monitor_cost.py --smoke      # seconds: tanh-cnn, two estimators (the plumbing only)
 
 Writes ``benchmarks/results/monitor_cost.{json,md}``; the last stdout line is one JSON object.
 """
@@ -37,6 +38,7 @@ MAX_GRAD_NORM = 1.0
 FLOOR = 0.05
 CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-mine", "span"),
            ("token-mine", "autoencoder"), ("token-mine", "transformer")]
+ENCODERS = ("projection", "span", "autoencoder", "transformer")
 
 
 def _label(estimator: str, encoder: str | None) -> str:
@@ -93,7 +95,8 @@ def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> 
     return statistics.median(wall[1:]), statistics.median(cpu[1:])
 
 
-def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> list[dict[str, Any]]:
+def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int,
+                  configs: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
     """Median ms per read (after one warm-up read) for each estimator / encoder, σ = 1."""
     import torch
 
@@ -102,7 +105,7 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int) -> 
 
     model = build_model(model_name, in_channels=3, num_classes=10, image_size=32, seed=seed)
     rows = []
-    for estimator, encoder in CONFIGS:
+    for estimator, encoder in configs:
         start = time.perf_counter()
         monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
                                  token_encoder=encoder or "autoencoder", seed=seed)
@@ -153,7 +156,7 @@ print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "ms": ms, "token_sha
 """
 
 
-def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str, Any]]:
+def _tokenise_memory(audit: tuple, *, seed: int, encoders: tuple[str, ...], dim: int = 64) -> list[dict[str, Any]]:
     """Peak extra resident memory of tokenising ResNet-20's per-sample gradients for a batch of 64.
 
     Each encoder runs in a fresh Python process (so freed memory of earlier work cannot hide new
@@ -177,7 +180,7 @@ def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "grads.pt"
         torch.save([g.contiguous() for g in grads], path)
-        for name in ("projection", "span", "autoencoder", "transformer"):
+        for name in encoders:
             result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(path), name, str(_common.REPO_ROOT)],
                                     capture_output=True, text=True, check=True)
             child = json.loads(result.stdout.strip().splitlines()[-1])
@@ -187,11 +190,11 @@ def _tokenise_memory(audit: tuple, *, seed: int, dim: int = 64) -> list[dict[str
     return rows
 
 
-def _curve(model, audit, *, sigmas, seed: int) -> list[dict[str, Any]]:
+def _curve(model, audit, *, sigmas, seed: int, configs: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
     from adaptive_dp.leakage.monitor import LeakageMonitor
 
     rows = []
-    for estimator, encoder in CONFIGS:
+    for estimator, encoder in configs:
         monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
                                  token_encoder=encoder or "autoencoder", seed=seed)
         readings = [monitor.read(noise_multiplier=s) for s in sigmas]
@@ -226,46 +229,49 @@ def _trained_digits(seed: int, steps: int = 300):
     return model, audit
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _common.base_parser(__doc__.splitlines()[0])
-    args = parser.parse_args()
+    args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
     started = time.time()
     import torch
 
     from adaptive_dp.models.cnn import build_model
 
-    repeats = 1 if args.quick else 5
+    repeats = 1 if args.quick or args.smoke else 5
     train, audit_pool, source = _cifar(args.seed, args.data_dir)
     audit64 = (audit_pool[0][:64], audit_pool[1][:64])
+    configs = CONFIGS[:2] if args.smoke else CONFIGS  # smoke: likelihood-ratio and token-mine/projection
 
     cost_rows, step_ms = [], {}
-    for model_name in ("tanh-cnn", "resnet20"):
+    for model_name in ("tanh-cnn",) if args.smoke else ("tanh-cnn", "resnet20"):
         step_ms[model_name] = _time_dp_step(model_name, train, seed=args.seed, repeats=repeats)
-        cost_rows += _time_monitor(model_name, audit64, seed=args.seed, repeats=repeats)
+        cost_rows += _time_monitor(model_name, audit64, seed=args.seed, repeats=repeats, configs=configs)
     for row in cost_rows:
         row["dp_step_ms"], row["dp_step_cpu_ms"] = step_ms[row["model"]]
         row["read_per_step_wall"] = row["ms_per_read"] / row["dp_step_ms"]
         row["read_per_step_cpu"] = row["cpu_ms_per_read"] / row["dp_step_cpu_ms"]
-    memory_rows = _tokenise_memory(audit64, seed=args.seed)
+    memory_rows = _tokenise_memory(audit64, seed=args.seed, encoders=("projection",) if args.smoke else ENCODERS)
 
     sigmas = [0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0]
-    if args.quick:
-        sigmas = [0.01, 0.1, 0.3, 1.0, 4.0]
-    n_curve = 64 if args.quick else 256
+    if args.quick or args.smoke:
+        sigmas = [0.1, 4.0] if args.smoke else [0.01, 0.1, 0.3, 1.0, 4.0]
+    n_curve = 16 if args.smoke else 64 if args.quick else 256
     cifar_model = build_model("tanh-cnn", in_channels=3, num_classes=10, image_size=32, seed=args.seed)
     curves = {f"cifar10/tanh-cnn@init/N={n_curve}": _curve(
-        cifar_model, (audit_pool[0][:n_curve], audit_pool[1][:n_curve]), sigmas=sigmas, seed=args.seed)}
+        cifar_model, (audit_pool[0][:n_curve], audit_pool[1][:n_curve]), sigmas=sigmas, seed=args.seed,
+        configs=configs)}
     digits_sigmas = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.7, 1.5, 4.0]
-    if args.quick:
-        digits_sigmas = [1e-3, 1e-2, 0.1, 0.7, 4.0]
-    digits_model, digits_audit = _trained_digits(args.seed)
-    curves["digits/small-cnn@300-steps/N=128"] = _curve(digits_model, digits_audit, sigmas=digits_sigmas,
-                                                        seed=args.seed)
+    if args.quick or args.smoke:
+        digits_sigmas = [1e-3, 4.0] if args.smoke else [1e-3, 1e-2, 0.1, 0.7, 4.0]
+    digits_steps = 20 if args.smoke else 300
+    digits_model, digits_audit = _trained_digits(args.seed, steps=digits_steps)
+    curves[f"digits/small-cnn@{digits_steps}-steps/N=128"] = _curve(
+        digits_model, digits_audit, sigmas=digits_sigmas, seed=args.seed, configs=configs)
     del torch
 
     payload = {
-        "name": NAME, "quick": bool(args.quick), "seed": args.seed, "data": source,
+        "name": NAME, "quick": bool(args.quick), "smoke": bool(args.smoke), "seed": args.seed, "data": source,
         "machine": _common.machine_description(), "command": _common.command_line(),
         "max_grad_norm": MAX_GRAD_NORM, "floor_nats": FLOOR,
         "cost": cost_rows, "tokenise_memory": memory_rows,
@@ -277,7 +283,7 @@ def main() -> None:
     _common.write_json(out / f"{NAME}.json", payload)
 
     md = ["# Leakage monitor: cost per call and MI(σ) curves\n",
-          _common.provenance_block(quick=args.quick, started=started, extra={"Data": source}), "",
+          _common.provenance_block(quick=args.quick, smoke=args.smoke, started=started, extra={"Data": source}), "",
           "## Milliseconds per monitor call vs one DP-SGD step",
           "64 audit examples, σ = 1, C = 1; DP-SGD step = opacus forward + backward + clip + noise + update on "
           "a batch of 256. Medians after one warm-up call. Wall times depend on the load of the shared "
@@ -304,7 +310,7 @@ def main() -> None:
     _common.write_markdown(out / f"{NAME}.md", "\n".join(md))
 
     headline = {
-        "name": NAME, "quick": bool(args.quick),
+        "name": NAME, "quick": bool(args.quick), "smoke": bool(args.smoke),
         "ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["ms_per_read"], 1) for r in cost_rows},
         "cpu_ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["cpu_ms_per_read"], 1) for r in cost_rows},
         "dp_step_ms": {k: round(v[0], 1) for k, v in step_ms.items()},
@@ -314,7 +320,8 @@ def main() -> None:
         "floor_sigma": {f"{k}/{r['estimator']}": r["floor_sigma"] for k, c in curves.items() for r in c},
         "seconds": round(time.time() - started, 1),
     }
-    print(json.dumps(_common._clean(headline)))
+    _common.print_summary(headline)
+    return headline
 
 
 if __name__ == "__main__":

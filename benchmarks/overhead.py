@@ -23,13 +23,16 @@ Usage::
 
     python benchmarks/overhead.py            # small-cnn and resnet20, 7 repetitions
     python benchmarks/overhead.py --quick    # small-cnn only, 3 repetitions
+    python benchmarks/overhead.py --smoke    # small-cnn, 1 repetition (the plumbing only)
 
-Writes ``benchmarks/results/overhead.json`` and ``overhead.md`` (``--out`` to change the folder).
+Writes ``overhead.json`` and ``overhead.md`` to ``--out-dir`` (default ``benchmarks/results``; rows of models not
+timed in this run are kept unless ``--fresh``), prints the Markdown table, then one JSON object as the last stdout
+line: ``ratio_default`` and ``ratio_every_step`` (worst over the models) and per model (``models``) the median ms
+per step of each set-up, the same ratios, the paired ratios, opacus / non-private and the monitor's ms per reading.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -38,6 +41,7 @@ import time
 import warnings
 from pathlib import Path
 
+import _common  # first: puts the repository on sys.path
 import torch
 from opacus import PrivacyEngine
 from torch import nn
@@ -217,38 +221,41 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _per_model(r: dict) -> dict:
+    """The per-model figures of the last-line JSON: ms per step of each set-up and the ratios."""
+    keys = ("ratio_default", "ratio_every_step", "ratio_default_paired", "ratio_every_step_paired",
+            "opacus_over_nonprivate", "monitor_ms_per_reading_median", "reps")
+    return {"ms_per_step": {s: round(v * 1e3, 2) for s, v in r["seconds_per_step_median"].items()},
+            **{k: r.get(k) for k in keys}}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small-cnn only, 3 repetitions")
+    parser = _common.base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=None, help="models to time (default small-cnn resnet20)")
-    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 7, quick 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 7, quick 3, smoke 1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--fresh", action="store_true", help="drop rows of models not timed in this run")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = _common.parse_args(parser, argv)
+    _common.setup_torch(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = args.models or (["small-cnn"] if args.quick else ["small-cnn", "resnet20"])
-    reps = args.reps or (3 if args.quick else 7)
-    command = "python benchmarks/overhead.py" + (" --quick" if args.quick else "")
-    if args.models:
-        command += " --models " + " ".join(args.models)
-    if args.reps:
-        command += f" --reps {args.reps}"
+    models = args.models or (["small-cnn"] if args.quick or args.smoke else ["small-cnn", "resnet20"])
+    reps = args.reps or (1 if args.smoke else 3 if args.quick else 7)
     results = {}
-    previous = args.out / "overhead.json"
+    out = Path(args.out_dir)
+    previous = out / "overhead.json"
     if not args.fresh and previous.is_file():  # keep other models' rows from an earlier run
         results.update(json.loads(previous.read_text()).get("models", {}))
     for name in models:
-        results[name] = {"command": command, "reps": reps, **bench_model(name, reps=reps, device=device)}
+        results[name] = {"command": _common.command_line(), "reps": reps,
+                         **bench_model(name, reps=reps, device=device)}
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
+        "smoke": args.smoke,
         "batch_size": BATCH,
         "audit_size": AUDIT,
         "block_steps": BLOCK,
@@ -257,11 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_default": max(r["ratio_default"] for r in results.values()),
         "ratio_every_step": max(r["ratio_every_step"] for r in results.values()),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "overhead.md").write_text(_markdown(result))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "overhead.md").write_text(_markdown(result))
     print(_markdown(result))
-    return result
+    summary = {"benchmark": "overhead", "quick": args.quick, "smoke": args.smoke,
+               "ratio_default": result["ratio_default"], "ratio_every_step": result["ratio_every_step"],
+               "models": {name: _per_model(r) for name, r in results.items()}}
+    _common.print_summary(summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ time.
     python benchmarks/policies.py --quick                  # ≤ 3 min on 2 cores (MNIST subset)
     python benchmarks/policies.py --dataset mnist          # full mode, every policy
     python benchmarks/policies.py --dataset cifar10        # full mode, a subset of the policies
+    python benchmarks/policies.py --smoke                  # seconds, digits: the plumbing only
 
 Writes ``benchmarks/results/policies.{json,md,png}`` (invocations of the same mode are merged) and prints one
 JSON object as the last stdout line.
@@ -101,6 +102,11 @@ FULL = {
 }
 QUICK = PolicyConfig(epochs=2, batch_size=128, n_train=1024, n_audit=64, n_test=1000, monitor_every=4,
                      attack_images=1, attack_iterations=20, id_trials=2, met_fraction=0.25)
+#: ``--smoke``: digits, one epoch, a few policies (seconds; checks the plumbing, the numbers mean nothing)
+SMOKE = PolicyConfig(epsilons=(3.0,), epochs=1, batch_size=128, n_train=384, n_audit=16, n_test=200,
+                     monitor_every=4, budget_policies=("uniform", "linear", "pid"),
+                     ceiling_policies=("capacity", "threshold"), attack_images=1, attack_iterations=2, id_trials=1,
+                     met_fraction=0.25)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -571,7 +577,7 @@ HEADER = ["policy", "ε budget", "test acc", "guarantee ε", "odometer ε", "σ 
 def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: bool = False) -> str:
     """The .md report: provenance, per data set both tables, the best rows, and where adaptive loses."""
     lines = [f"# Noise policies: fixed, scheduled and closed-loop σ{' (QUICK MODE)' if quick else ''}", "",
-             _common.provenance_block(quick=quick, started=started,
+             _common.provenance_block(quick=quick, smoke=payload.get("smoke", False), started=started,
                                       extra=_common.REBUILT_NOTE if rebuilt else None), ""]
     for name, d in sorted(payload["by_dataset"].items()):
         c = d["config"]
@@ -627,25 +633,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="data set(s) (default: mnist in --quick, mnist then cifar10 otherwise); results of "
                              "earlier invocations of the same mode are merged")
     _common.add_report_only(parser)
-    args = parser.parse_args(argv)
+    args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
 
     def run(d: str) -> dict[str, Any]:
-        config = replace(QUICK if args.quick else FULL.get(d, PolicyConfig()), seed=args.seed)
+        config = replace(SMOKE if args.smoke else QUICK if args.quick else FULL.get(d, PolicyConfig()),
+                         seed=args.seed)
         return run_dataset(d, config=config, data_dir=args.data_dir)
 
     by_dataset, started = _common.per_dataset_results(
-        args, json_path, args.dataset or (["mnist"] if args.quick else ["mnist", "cifar10"]), run)
+        args, json_path, args.dataset or (["digits"] if args.smoke else ["mnist"] if args.quick else ["mnist", "cifar10"]), run)
     best = {d: best_rows(r) for d, r in by_dataset.items()}
-    payload = {"benchmark": NAME, "quick": args.quick, "command": _common.command_line(),
+    payload = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "command": _common.command_line(),
                "machine": _common.machine_description(), "best": best, "by_dataset": by_dataset}
     _common.write_json(json_path, payload)
     plot(by_dataset, out_dir / f"{NAME}.png")
     _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick,
                                                             rebuilt=args.report_only))
-    summary = {"benchmark": NAME, "quick": args.quick, "best": best, "seconds": round(time.time() - started, 1)}
+    summary = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "best": best, "seconds": round(time.time() - started, 1)}
     _common.print_summary(summary)
     return summary
 

@@ -15,6 +15,7 @@ MODULES = [
     "controllers.predictive",
     "adaptive_dp.accountants.rdp",
     "adaptive_dp.accountants.filter",
+    "adaptive_dp.accountants.odometer",
     "adaptive_dp.leakage.mine",
     "adaptive_dp.leakage.likelihood_ratio",
     "adaptive_dp.leakage.tokens",

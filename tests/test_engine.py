@@ -78,7 +78,9 @@ def test_drop_in_same_types_and_same_epsilon_as_opacus_rdp():
     assert [r["noise_multiplier"] for r in ours.history] == [1.1] * 20
     assert [r["step"] for r in ours.history] == list(range(1, 21))
     assert ours.history[-1]["epsilon"] == pytest.approx(opacus_engine.get_epsilon(1e-5), rel=1e-9)
-    assert ours.guarantee_epsilon is None
+    # σ fixed in advance: the composition is the guarantee
+    assert ours.guarantee_kind == "composition"
+    assert ours.guarantee_epsilon == pytest.approx(opacus_engine.get_epsilon(1e-5), rel=1e-9)
     # same model updates: the drop-in changes nothing in the training step itself
     for p, q in zip(opacus_out[0].parameters(), our_out[0].parameters()):
         torch.testing.assert_close(p, q)
@@ -232,15 +234,30 @@ def test_ghost_clipping_without_monitor_still_works():
     assert len(engine.history) == 3 and len(engine.accountant) == 1
 
 
-def test_warns_once_without_budget():
+def test_ceiling_without_budget_gets_the_odometer_guarantee_and_no_warning():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                            max_grad_norm=1.0, target_mi=0.5, audit_data=_audit())
-    messages = [str(w.message) for w in caught if "formal" in str(w.message)]
-    assert len(messages) == 1 and "make_private_with_epsilon" in messages[0]
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            target_mi=0.5, audit_data=_audit(),
+        )
+    assert not [w for w in caught if "formal" in str(w.message)]
+    assert engine.guarantee_kind == "renyi-odometer" and engine.guarantee_epsilon is None  # nothing spent yet
+    _train(model, optimizer, loader, steps=8)
+    summary = engine.privacy_summary()
+    composition = engine.get_epsilon(engine.target_delta)
+    assert summary["guarantee_epsilon"] == engine.guarantee_epsilon >= composition  # the odometer's overhead
+    assert engine.guarantee_epsilon <= 1.6 * composition
+    # σ fixed in advance (a schedule, or none): the composition itself is the guarantee
+    model, optimizer, loader = _setup()
+    plain = AdaptivePrivacyEngine()
+    model, optimizer, loader = plain.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                  noise_multiplier=1.0, max_grad_norm=1.0)
+    _train(model, optimizer, loader, steps=3)
+    assert plain.guarantee_kind == "composition"
+    assert plain.guarantee_epsilon == pytest.approx(plain.get_epsilon(1e-5))
 
 
 # ---------------------------------------------------------------------------------------------- audit split

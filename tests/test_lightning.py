@@ -9,6 +9,7 @@ are opacus' own ``RDPAccountant`` over the recorded σ history, the Rényi filte
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,24 @@ from adaptive_dp.lightning import AdaptivePrivacyCallback  # noqa: E402
 
 DELTA = 1e-5
 #: budget + ceiling + carved audit split; ``epochs`` fixed so that a 1-epoch leg plans the same budget
-SETTINGS = dict(target_epsilon=4.0, target_delta=DELTA, max_grad_norm=1.0, target_mi=0.3, audit_fraction=0.1,
-                monitor_every=3, epochs=2)
-PRIVACY_COLUMNS = {"privacy/epsilon", "privacy/noise_multiplier", "privacy/sigma_floor", "privacy/guarantee_epsilon",
-                   "leakage/mi", "control/error", "train/audit_loss"}
+SETTINGS = dict(
+    target_epsilon=4.0,
+    target_delta=DELTA,
+    max_grad_norm=1.0,
+    target_mi=0.3,
+    audit_fraction=0.1,
+    monitor_every=3,
+    epochs=2,
+)
+PRIVACY_COLUMNS = {
+    "privacy/epsilon",
+    "privacy/noise_multiplier",
+    "privacy/sigma_floor",
+    "privacy/guarantee_epsilon",
+    "leakage/mi",
+    "control/error",
+    "train/audit_loss",
+}
 
 
 class DigitsData(pl.LightningDataModule):
@@ -77,9 +92,18 @@ class NoForwardNet(DigitsNet):
 
 
 def _trainer(root: Path, *, max_epochs: int, callbacks: list, logger=None, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, enable_progress_bar=False,
-                      enable_model_summary=False, log_every_n_steps=1, default_root_dir=str(root),
-                      logger=logger if logger is not None else False, callbacks=callbacks, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=str(root),
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def _sigmas(callback: AdaptivePrivacyCallback) -> list[float]:
@@ -125,13 +149,14 @@ def test_sigma_adapts_above_the_budget_floor(full_run):
     assert len(history) == trainer.global_step == 2 * steps_per_epoch
     # the audit split was carved off before Poisson sampling: q is computed on what is trained on
     assert len(trainer.train_dataloader.dataset) + len(engine.audit_dataset) == 1437
-    assert engine.sample_rate == pytest.approx(1 / steps_per_epoch)
+    # the loader samples at (never above) the q the accountant books: opacus books 1/len(Poisson loader)
+    assert trainer.train_dataloader.sample_rate <= engine.sample_rate == pytest.approx(1 / steps_per_epoch)
     readings = [r["mi"] for r in history if r["mi"] is not None]
     assert len(readings) >= len(history) // SETTINGS["monitor_every"] and all(m > 0 for m in readings)
     sigmas = _sigmas(callback)
     assert all(r["sigma_floor"] <= s <= engine.sigma_max for r, s in zip(history, sigmas))
-    assert len(set(sigmas)) > 3  # the controller moved σ ...
-    assert any(s > 1.01 * r["sigma_floor"] for r, s in zip(history, sigmas))  # ... above what the budget needs
+    assert len(set(sigmas)) > 3  # the controller moved σ, above what the budget needs:
+    assert any(s > 1.01 * r["sigma_floor"] for r, s in zip(history, sigmas))
     assert engine.get_epsilon(DELTA) <= engine.guarantee_epsilon <= SETTINGS["target_epsilon"]
 
 
@@ -159,7 +184,9 @@ def test_csv_logger_gets_privacy_metrics_and_no_private_batch_statistics(full_ru
         assert float(row["privacy/noise_multiplier"]) == pytest.approx(record["noise_multiplier"], rel=1e-6)
         assert float(row["privacy/epsilon"]) == pytest.approx(record["epsilon"], rel=1e-6)
         assert float(row["leakage/mi"]) == pytest.approx(latest["mi"], rel=1e-6)  # the latest reading
-    assert float(rows[-1]["privacy/guarantee_epsilon"]) == pytest.approx(callback.engine.guarantee_epsilon, rel=1e-6)
+    assert float(rows[-1]["privacy/guarantee_epsilon"]) == pytest.approx(
+        callback.engine.guarantee_epsilon, rel=1e-6
+    )
 
 
 def test_wandb_offline_run_has_the_privacy_metrics(full_run):
@@ -173,7 +200,9 @@ def test_wandb_offline_run_has_the_privacy_metrics(full_run):
     assert {"leakage/mi", "privacy/noise_multiplier"} <= set(rows[-1])
 
 
-def test_resume_from_a_lightning_checkpoint_continues_sigma_and_epsilon(full_run, first_epoch_checkpoint, tmp_path):
+def test_resume_from_a_lightning_checkpoint_continues_sigma_and_epsilon(
+    full_run, first_epoch_checkpoint, tmp_path
+):
     full, trainer, _, _ = full_run
     saved = torch.load(first_epoch_checkpoint, weights_only=False)["callbacks"]["AdaptivePrivacyCallback"]
     assert len(saved["adaptive"]["history"]) == len(trainer.train_dataloader)  # one epoch of steps
@@ -197,8 +226,9 @@ def test_resume_with_another_sample_rate_is_refused(first_epoch_checkpoint, tmp_
 
 def test_exhausted_budget_stops_training_cleanly_with_a_checkpoint(tmp_path):
     # budget planned for 1 epoch, Trainer asked for 3: the filter must stop it early
-    callback = AdaptivePrivacyCallback(target_epsilon=1.0, target_delta=DELTA, max_grad_norm=1.0, epochs=1,
-                                       log_private_metrics=True)
+    callback = AdaptivePrivacyCallback(
+        target_epsilon=1.0, target_delta=DELTA, max_grad_norm=1.0, epochs=1, log_private_metrics=True
+    )
     logger = CSVLogger(str(tmp_path))
     trainer = _trainer(tmp_path, max_epochs=3, callbacks=[callback], logger=logger)
     trainer.fit(DigitsNet(), datamodule=DigitsData())  # no PrivacyBudgetExhausted crosses Lightning
@@ -235,26 +265,89 @@ def test_fixed_sigma_is_poisson_dp_sgd_and_leaves_no_hooks(tmp_path):
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # opacus' hooks removed at teardown
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_grad_norm=1.0), "exactly one of"),
-    (dict(max_grad_norm=1.0, noise_multiplier=1.0, target_epsilon=3.0, target_delta=DELTA), "exactly one of"),
-    (dict(max_grad_norm=1.0, target_epsilon=3.0), "target_delta"),
-    (dict(max_grad_norm=1.0, noise_multiplier=1.0, wrap_model=False), "wrap_model"),
-    (dict(max_grad_norm=1.0, noise_multiplier=1.0, noise_generator=torch.Generator()), "seed="),
-    (dict(max_grad_norm=1.0, noise_multiplier=1.0, grad_sample_mode="ghost"), "ghost"),
-    (dict(max_grad_norm=1.0, noise_multiplier=1.0, target_mi=0.5), "audit"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_grad_norm=1.0), "exactly one of"),
+        (
+            dict(max_grad_norm=1.0, noise_multiplier=1.0, target_epsilon=3.0, target_delta=DELTA),
+            "exactly one of",
+        ),
+        (dict(max_grad_norm=1.0, target_epsilon=3.0), "target_delta"),
+        (dict(max_grad_norm=1.0, noise_multiplier=1.0, wrap_model=False), "wrap_model"),
+        (dict(max_grad_norm=1.0, noise_multiplier=1.0, noise_generator=torch.Generator()), "seed="),
+        (dict(max_grad_norm=1.0, noise_multiplier=1.0, grad_sample_mode="ghost"), "ghost"),
+        (dict(max_grad_norm=1.0, noise_multiplier=1.0, target_mi=0.5), "audit"),
+    ],
+)
 def test_bad_settings_are_refused_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaptivePrivacyCallback(**kwargs)
 
 
-@pytest.mark.parametrize("model, trainer_kwargs, match", [
-    (DigitsNet, dict(accumulate_grad_batches=2), "accumulate_grad_batches=1"),
-    (NoForwardNet, {}, "define forward"),
-])
+@pytest.mark.parametrize(
+    "model, trainer_kwargs, match",
+    [
+        (DigitsNet, dict(accumulate_grad_batches=2), "accumulate_grad_batches=1"),
+        (NoForwardNet, {}, "define forward"),
+    ],
+)
 def test_unsupported_training_setups_are_refused_before_any_step(tmp_path, model, trainer_kwargs, match):
     callback = AdaptivePrivacyCallback(noise_multiplier=1.0, max_grad_norm=1.0, audit_fraction=0.1)
     with pytest.raises(ValueError, match=match):
-        _trainer(tmp_path, max_epochs=1, callbacks=[callback], **trainer_kwargs).fit(model(), datamodule=DigitsData())
+        _trainer(tmp_path, max_epochs=1, callbacks=[callback], **trainer_kwargs).fit(
+            model(), datamodule=DigitsData()
+        )
     assert callback.engine.history == []
+
+
+def test_open_loop_schedule_spans_the_trainers_epochs_and_reaches_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # data given to fit directly (no datamodule); the linear schedule's length comes from Trainer(max_epochs)
+    callback = AdaptivePrivacyCallback(
+        noise_multiplier=2.0, max_grad_norm=1.0, controller="linear", sigma_end=0.5
+    )
+    loader = DataLoader(load_dataset("digits", split="train"), batch_size=128)
+    logger = TensorBoardLogger(str(tmp_path))
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[callback], logger=logger)
+    trainer.fit(DigitsNet(), train_dataloaders=loader)
+    sigmas = _sigmas(callback)
+    steps = len(sigmas)
+    assert steps == 2 * len(loader)
+    assert sigmas == pytest.approx([2.0 - 1.5 * t / (steps - 1) for t in range(steps)], abs=1e-9)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    logged = [e.value for e in events.Scalars("privacy/noise_multiplier")]
+    assert logged == pytest.approx(sigmas, rel=1e-6)
+
+
+def test_step_metrics_hold_the_latest_reading_and_never_hide_a_failed_one():
+    from adaptive_dp.lightning import step_metrics
+
+    step = {"step": 7, "noise_multiplier": 1.5, "epsilon": 0.8, "sigma_floor": None, "mi": None}
+    reading = {
+        "step": 6,
+        "noise_multiplier": 1.5,
+        "mi": 0.4,
+        "critic_gap": 2.0,
+        "controller_error": None,
+        "audit_loss": 1.1,
+    }
+    metrics = step_metrics(step, reading=reading, guarantee_epsilon=3.0)
+    assert metrics == {
+        "privacy/noise_multiplier": 1.5,
+        "privacy/epsilon": 0.8,
+        "leakage/mi": 0.4,
+        "leakage/critic_gap": 2.0,
+        "train/audit_loss": 1.1,
+        "privacy/guarantee_epsilon": 3.0,
+    }
+    failed = dict(reading, mi=math.nan, critic_gap=None, audit_loss=None, monitor_error="MonitorError: ...")
+    metrics = step_metrics(step, reading=failed)
+    assert all(
+        math.isnan(metrics[k])
+        for k in ("leakage/mi", "leakage/critic_gap", "control/error", "train/audit_loss")
+    )
+    assert "privacy/guarantee_epsilon" not in metrics and "privacy/sigma_floor" not in metrics

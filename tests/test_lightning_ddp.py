@@ -29,10 +29,18 @@ def _free_port() -> int:
 def test_ddp_ranks_use_the_same_sigma_and_stay_in_sync(tmp_path):
     pytest.importorskip("lightning.pytorch")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", WANDB_MODE="disabled"
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     r0, r1 = ranks
@@ -63,11 +71,21 @@ def _main(out: Path) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sizes.append(len(batch[1]))
 
-    callback = AdaptivePrivacyCallback(noise_multiplier=1.0, max_grad_norm=1.0, target_mi=0.3, audit_fraction=0.1,
-                                       monitor_every=3)
-    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", use_distributed_sampler=False,
-                         max_epochs=1, enable_progress_bar=False, enable_model_summary=False, logger=False,
-                         enable_checkpointing=False, callbacks=[callback, BatchSizes()])
+    callback = AdaptivePrivacyCallback(
+        noise_multiplier=1.0, max_grad_norm=1.0, target_mi=0.3, audit_fraction=0.1, monitor_every=3
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        use_distributed_sampler=False,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[callback, BatchSizes()],
+    )
     model = DigitsNet()
     trainer.fit(model, datamodule=DigitsData())
     history = callback.engine.history

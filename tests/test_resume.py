@@ -32,7 +32,8 @@ def _crash_after_checkpoint(monkeypatch, *, epoch: int) -> None:
 
     def save_then_crash(run, extra):
         written = real(run, extra)
-        if run.progress.epochs[-1]["epoch"] == epoch and not extra.get("complete", False):
+        finished = run.progress.epochs[-1]["epoch"] if run.progress.epochs else 0
+        if finished == epoch and not extra.get("complete", False):
             raise Interrupted
         return written
 

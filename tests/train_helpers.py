@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from adaptive_dp.cli import parse_with_given
 from adaptive_dp.cli import train as train_command
 from adaptive_dp.training.config import TrainConfig
 
 
 def run_cli(argv: list[str]) -> int:
-    """``adaptive-dp train ARGV`` through the command's own parser and run()."""
+    """``adaptive-dp train ARGV`` through the command's own parser and run(), with the explicitly given options
+    marked as the dispatcher marks them."""
     parser = argparse.ArgumentParser(prog="adaptive-dp train")
     train_command.configure(parser)
-    return train_command.run(parser.parse_args(argv))
+    return train_command.run(parse_with_given(parser, argv))
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:

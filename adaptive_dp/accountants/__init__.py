@@ -4,10 +4,13 @@
   :class:`IncrementalRDPAccountant` (opacus' RDP ε at O(#orders) per step, registered with opacus as
   ``"rdp_incremental"``);
 * :mod:`adaptive_dp.accountants.filter` — :class:`RenyiFilter`, the hard ε budget that stays sound when σ
-  is chosen adaptively (Feldman & Zrnic 2021), and :class:`PrivacyBudgetExhausted`.
+  is chosen adaptively (Feldman & Zrnic 2021), and :class:`PrivacyBudgetExhausted`;
+* :mod:`adaptive_dp.accountants.odometer` — :class:`RenyiOdometer`, a valid ε at every step for adaptively
+  chosen σ without a budget (a supermartingale mixture over RDP orders; docs/accounting.md).
 """
 
 from adaptive_dp.accountants.filter import PrivacyBudgetExhausted, RenyiFilter
+from adaptive_dp.accountants.odometer import RenyiOdometer, epsilon_from_rdp_mixture, log_uniform_weights
 from adaptive_dp.accountants.rdp import (
     DEFAULT_ORDERS,
     IncrementalRDPAccountant,
@@ -21,7 +24,10 @@ __all__ = [
     "IncrementalRDPAccountant",
     "PrivacyBudgetExhausted",
     "RenyiFilter",
+    "RenyiOdometer",
     "epsilon_from_rdp",
+    "epsilon_from_rdp_mixture",
+    "log_uniform_weights",
     "prv_epsilon",
     "rdp_sampled_gaussian",
 ]

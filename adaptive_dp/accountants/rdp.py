@@ -218,8 +218,8 @@ def _rdp_matrix(q: float, sigma: np.ndarray, orders: np.ndarray) -> np.ndarray:
     out = np.zeros((sigma.size, orders.size))
     if q == 0.0 or sigma.size == 0:
         return out
-    pos = sigma > 0
-    out[~pos, :] = np.inf
+    out[sigma == 0, :] = np.inf  # no noise: no privacy
+    pos = (sigma > 0) & np.isfinite(sigma)  # σ = inf releases nothing: ρ = 0 (the zeros already there)
     s = sigma[pos]
     if q == 1.0:
         out[pos, :] = orders[None, :] / (2 * (s[:, None] ** 2))

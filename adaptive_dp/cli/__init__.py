@@ -6,12 +6,18 @@ lists each command's options. Also runnable as ``python -m adaptive_dp.cli`` (e.
 Building the parser imports only the standard library, so ``adaptive-dp --help`` answers at once; option
 values that name registered things (``--model``, ``--dataset``) are checked against the registries
 through :class:`RegistryChoices`, which imports them on first use.
+
+Failures are one line on stderr, ``adaptive-dp CMD: error: ...`` naming the fix, and an exit status
+(:func:`report_failure`): 2 for bad usage or input (:data:`USAGE_ERRORS`), 1 for a fault at run time (a full
+disk, an I/O error, a crashed peer), 130 for Ctrl-C. ``--debug`` (every command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import sys
 from collections.abc import Container, Iterator, Mapping, Sequence
 
 #: command name -> (module of this package, one-line help)
@@ -21,6 +27,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "adaptive_dp.cli.attack",
         "attack the gradients DP-SGD releases (DLG, iDLG, IG, identification)",
     ),
+}
+
+
+#: exceptions that mean the command was asked something it cannot do (exit status 2); everything else that
+#: escapes a command is a fault at run time (exit status 1).
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotImplementedError,
+    TypeError,
+)
+#: exit status of a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
+#: what to do about an OSError, by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "free some space on that disk",
+    errno.EDQUOT: "free some space (disk quota exceeded)",
+    errno.EROFS: "write to a folder on a writable file system (--out)",
+    errno.EACCES: "choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "choose a folder you can write to, or fix its permissions",
 }
 
 
@@ -62,6 +88,53 @@ class RegistryChoices(Container[str]):
         return iter(list(self._names()))
 
 
+def failure_message(exc: BaseException) -> str:
+    """One line for ``exc``: its message (an OSError's reason, file and the fix), then its notes (e.g. the
+    ``--resume`` command the training loop adds), joined with "; "."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+        fix = _OS_FIXES.get(exc.errno)
+        text += f": {fix}" if fix else ""
+    elif isinstance(exc, USAGE_ERRORS):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    parts = [" ".join(text.split())] + [" ".join(str(n).split()) for n in getattr(exc, "__notes__", [])]
+    return "; ".join(p for p in parts if p)
+
+
+def report_failure(command: str, exc: BaseException, *, debug: bool = False) -> int:
+    """Print ``adaptive-dp COMMAND: error: <one line>`` to stderr and return the exit status: 2 for
+    :data:`USAGE_ERRORS`, 130 for ``KeyboardInterrupt``, 1 otherwise. With ``debug`` re-raise ``exc`` (the
+    traceback) instead."""
+    if debug:
+        raise exc
+    if isinstance(exc, KeyboardInterrupt):
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+        print(f"adaptive-dp{' ' + command if command else ''}: interrupted{notes}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    print(f"adaptive-dp {command}: error: {failure_message(exc)}", file=sys.stderr)
+    if isinstance(exc, USAGE_ERRORS):
+        return 2
+    print(f"adaptive-dp {command}: run again with --debug for the traceback", file=sys.stderr)
+    return 1
+
+
+#: marks an option not given on the command line (see :func:`parse_with_given`).
+_NOT_GIVEN = object()
+
+
+def parse_with_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``_given`` set: the destinations of the options given explicitly in
+    ``argv`` (whatever their value, also one equal to the default)."""
+    args = parser.parse_args(argv)
+    probe = argparse.Namespace(**dict.fromkeys(vars(args), _NOT_GIVEN))
+    parser.parse_args(argv, namespace=probe)
+    args._given = frozenset(k for k, v in vars(probe).items() if v is not _NOT_GIVEN)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, one sub-parser per entry of :data:`COMMANDS`."""
     from adaptive_dp import __version__
@@ -79,12 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help_text, description=(module.__doc__ or help_text).strip().split("\n\n")[0]
         )
         module.configure(p)
-        p.set_defaults(_run=module.run)
+        p.add_argument(
+            "--debug", action="store_true", help="show the traceback of a failure instead of one error line"
+        )
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    """Entry point of the console script; returns the process exit code (see :func:`report_failure`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        top = build_parser().parse_args(argv)
+        args = parse_with_given(top._parser, argv[argv.index(top.command) + 1 :])
+        args.command = top.command
+    except KeyboardInterrupt as exc:
+        return report_failure("", exc)
+    try:
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as exc:  # every failure: one line (a traceback with --debug)
+        return report_failure(args.command, exc, debug=args.debug)

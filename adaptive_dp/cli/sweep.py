@@ -107,7 +107,7 @@ def _execute(args: argparse.Namespace, runs: list[GridRun], shared: dict, plan: 
     print(
         f"sweep: {len(runs)} runs ({to_run} to run, {args.jobs} at a time) in {out}/ — W&B group {plan['group']}"
     )
-    progress = Progress(total=len(runs), to_run=to_run)
+    progress = Progress(total=len(runs), to_run=to_run, jobs=args.jobs)
 
     def on_done(outcome) -> None:
         rows = read_rows(out, runs)

@@ -1,10 +1,15 @@
 """Train a model with DP-SGD on a real data set and track ε, σ and MI (W&B offline by default + JSONL).
 
 Writes into ``--out`` (default ``runs/<UTC timestamp>``): ``history.jsonl`` (one record per optimizer step),
-``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` (also after every epoch) and the W&B run under
-``wandb/``. ``--resume OUT`` continues an interrupted run from its last finished epoch. Only quantities ε covers
-or public / held-out metrics are published unless ``--log-private-metrics`` is given (the training-batch loss
-and batch size then join them; the progress bar on this terminal shows the batch loss either way).
+``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` (also at the start and after every epoch) and the W&B run
+under ``wandb/``. A folder that holds a run is refused: ``--resume OUT`` continues an interrupted run from its
+last checkpoint, ``--overwrite`` moves the old run aside to ``OUT.old-<UTC time>`` (nothing is deleted); a
+lock keeps a second run off a folder in use. Ctrl-C or SIGTERM finishes the step in flight, writes what the run
+has and prints the ``--resume`` command (exit status 130 / 143). Only quantities ε covers or public / held-out
+metrics are published unless ``--log-private-metrics`` is given (the training-batch loss and batch size then
+join them; the progress bar on a terminal shows the batch loss either way; in a log file progress is a few
+plain lines per epoch). ``--non-private`` trains the same model on the same data with plain SGD (ε = ∞,
+``summary.json``: ``epsilon: null``, ``non_private: true``): the reference point of a trade-off.
 
 By default 2 % of the training set is held out as the audit split (never trained on) and the leakage monitor
 reads MI every 10 steps; ``--target-mi`` with ``--controller`` adapts σ, ``--target-epsilon`` adds a hard
@@ -22,14 +27,19 @@ import warnings
 from adaptive_dp.training.config import (
     CONTROLLER_NAMES,
     DEVICES,
+    DP_ONLY_OPTIONS,
     ESTIMATORS,
     FEEDBACK_CONTROLLERS,
+    GRAD_SAMPLE_MODES,
     OPTIMIZERS,
     SCHEDULE_CONTROLLERS,
     TOKEN_ENCODERS,
     WANDB_MODES,
     TrainConfig,
 )
+
+#: options ``--resume`` accepts beside it (they change how the run is shown, not what it computes).
+RESUME_OPTIONS = ("resume", "wandb_mode", "no_progress", "debug")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +122,20 @@ def _add_optimisation_options(parser: argparse.ArgumentParser, d: dict) -> None:
 def _add_privacy_options(parser: argparse.ArgumentParser, d: dict) -> None:
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument(
+        "--non-private",
+        action="store_true",
+        help="train the same model on the same data with the plain optimizer: no clipping, no noise, no "
+        "accountant, no leakage monitor (ε = ∞; summary.json: epsilon null, non_private true) — the "
+        "reference point of a privacy-utility trade-off; the DP options below must not be given with it",
+    )
+    privacy.add_argument(
+        "--grad-sample-mode",
+        choices=GRAD_SAMPLE_MODES,
+        default=d["grad_sample_mode"],
+        help="opacus' per-sample-gradient mode; ghost = ghost clipping (no per-sample gradients stored); "
+        "auto = the fastest correct mode measured for the model (default: %(default)s)",
+    )
+    privacy.add_argument(
         "--noise-multiplier",
         type=float,
         default=d["noise_multiplier"],
@@ -180,6 +204,12 @@ def _add_loop_options(parser: argparse.ArgumentParser, d: dict) -> None:
         "%(default)s)",
     )
     loop.add_argument(
+        "--force",
+        action="store_true",
+        help="accept an audit split that leaves fewer training examples than a batch, or under half of the "
+        "data set (refused by default)",
+    )
+    loop.add_argument(
         "--monitor-every",
         type=int,
         default=d["monitor_every"],
@@ -217,95 +247,154 @@ def _add_output_options(parser: argparse.ArgumentParser, d: dict) -> None:
     track.add_argument(
         "--wandb-project", default=d["wandb_project"], help="W&B project (default: %(default)s)"
     )
-    track.add_argument("--out", default=None, help="output folder (default: runs/<UTC timestamp>)")
-    track.add_argument("--no-progress", action="store_true", help="no progress bars")
+    track.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: runs/<UTC timestamp>); one that holds a run needs --resume or --overwrite",
+    )
+    track.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move a run found in --out aside to OUT.old-<UTC time> (nothing is deleted) and start afresh",
+    )
+    track.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress report (default: a bar on a terminal, a few lines per epoch in a log file)",
+    )
     track.add_argument(
         "--resume",
         metavar="OUT",
         default=None,
-        help="continue the interrupted run in OUT from its last finished epoch, with that run's "
-        "options (OUT/checkpoint.pt); only --wandb-mode and --no-progress may be given",
+        help="continue the interrupted run in OUT from its last checkpoint, with that run's options "
+        "(OUT/checkpoint.pt); only --wandb-mode, --no-progress and --debug may be given",
     )
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`adaptive_dp.training.TrainConfig` for parsed command-line ``args``."""
+    """The :class:`adaptive_dp.training.TrainConfig` for parsed command-line ``args`` (options that are not
+    training options, e.g. ``--overwrite``, are left out)."""
     return TrainConfig.from_dict(vars(args))
 
 
-def _resume_conflicts(args: argparse.Namespace, parser_defaults: dict) -> list[str]:
-    """Options given beside ``--resume`` that would change the run (its saved options win)."""
-    allowed = {"resume", "wandb_mode", "no_progress", "command", "func", "handler"}
-    return [
-        f"--{k.replace('_', '-')}"
-        for k, v in vars(args).items()
-        if k not in allowed and k in parser_defaults and v != parser_defaults[k]
-    ]
+def _explicit_options(args: argparse.Namespace) -> set[str]:
+    """The destinations of the options given on the command line: ``args._given`` (set by the dispatcher,
+    :func:`adaptive_dp.cli.parse_with_given`), else those whose value differs from the default."""
+    given = getattr(args, "_given", None)
+    if given is not None:
+        return set(given)
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    defaults = vars(parser.parse_args([]))
+    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+
+
+def _flags(dests) -> str:
+    return ", ".join(f"--{k.replace('_', '-')}" for k in sorted(dests))
+
+
+def _check_explicit(args: argparse.Namespace) -> None:
+    """Refuse options beside ``--resume`` other than :data:`RESUME_OPTIONS` (also ones equal to their default:
+    the saved run's options win), and DP options beside ``--non-private``.
+
+    Raises:
+        ValueError: naming the options to drop.
+    """
+    explicit = _explicit_options(args)
+    if getattr(args, "resume", None):
+        conflicts = explicit - set(RESUME_OPTIONS)
+        if conflicts:
+            raise ValueError(
+                f"--resume continues the run with its saved options; drop {_flags(conflicts)} "
+                "(only --wandb-mode, --no-progress and --debug may be given)"
+            )
+    elif getattr(args, "non_private", False):
+        dp_only = explicit & set(DP_ONLY_OPTIONS)
+        if dp_only:
+            raise ValueError(
+                f"--non-private trains without clipping, noise, accountant or leakage monitor, so "
+                f"{_flags(dp_only)} would do nothing: drop them, or drop --non-private for a DP-SGD run"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; print where the results went. Returns 0, or 2 with one error line for bad input."""
+    """Train (or resume); print what happened and where the results went.
+
+    Returns:
+        0; 2 with one error line for bad usage or input (a folder holding a run, a budget out of reach ...); 1
+        for a fault at run time (a full disk ...); 130 / 143 after Ctrl-C / SIGTERM (the run's files written,
+        the ``--resume`` command printed). ``--debug`` shows the traceback instead of the error line.
+    """
+    from adaptive_dp.cli import report_failure
+    from adaptive_dp.training.interrupt import RunInterrupted
     from adaptive_dp.training.loop import resume, train
 
     # opacus' per-sample-gradient hooks trip this torch warning on the first layer (inputs need no gradient);
     # it is harmless and would otherwise interrupt the progress bar.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    progress = not args.no_progress
     try:
+        _check_explicit(args)
         if getattr(args, "resume", None):
-            parser = argparse.ArgumentParser()
-            configure(parser)
-            conflicts = _resume_conflicts(args, vars(parser.parse_args([])))
-            if conflicts:
-                raise ValueError(
-                    f"--resume continues the run with its saved options; drop {', '.join(conflicts)} "
-                    "(only --wandb-mode and --no-progress may change)"
-                )
-            summary = resume(args.resume, progress=not args.no_progress, wandb_mode=args.wandb_mode)
+            summary = resume(args.resume, progress=progress, wandb_mode=args.wandb_mode)
         else:
-            config = config_from_args(args)
-            summary = train(config, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        # adaptive_dp.distributed.DistributedError (not imported here: fast --help)
-        if type(exc).__name__ != "DistributedError":
-            raise
-        print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
-        from adaptive_dp.distributed import exit_after_failure
-
-        # a broken gloo group can abort the interpreter's teardown (exit -6 instead of 1)
-        exit_after_failure(1)
+            summary = train(config_from_args(args), progress=progress, overwrite=bool(args.overwrite))
+    except RunInterrupted as exc:
+        _report_interrupted(exc)
+        return exc.exit_code
+    except (Exception, KeyboardInterrupt) as exc:
+        if type(exc).__name__ == "DistributedError":  # not imported at the top: fast --help
+            _exit_after_distributed_failure(exc)
+        return report_failure("train", exc, debug=getattr(args, "debug", False))
     if (summary.get("distributed") or {}).get("rank", 0) == 0:  # under torchrun rank 0 reports the run
         _report(summary)
     return 0
 
 
-def _report(summary: dict) -> None:
-    """Print the run's figures and where its outputs went."""
-    outputs = summary["outputs"]
-    lo, hi = summary["noise_multiplier_range"]
-    sigma = f"σ = {lo:.3f}" if lo == hi else f"σ {lo:.3f}–{hi:.3f}"
+def _exit_after_distributed_failure(exc: BaseException) -> None:
+    """One error line, then leave at once (a broken gloo group can abort the interpreter's teardown)."""
+    from adaptive_dp.distributed import exit_after_failure
+
+    print(f"adaptive-dp train: error: {exc}", file=sys.stderr)
+    exit_after_failure(1)
+
+
+def _report_interrupted(exc) -> None:
+    """What an interrupted run did and how to continue it."""
+    summary = exc.summary
     print(
-        f"test accuracy {summary['test_accuracy']:.4f}, ε = {summary['odometer_epsilon']:.3f} at δ = "
-        f"{summary['delta']:g} (odometer; {sigma}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s)"
+        f"interrupted by {exc.signal_name} after step {summary['steps']}: history, summary and W&B run written "
+        f"to {summary['outputs']['dir']}/",
+        file=sys.stderr,
+    )
+    print(f"continue the run with: {exc.resume_command}", file=sys.stderr)
+
+
+def _report(summary: dict) -> None:
+    """Print what happened (one line), the run's figures and where its outputs went."""
+    from adaptive_dp.training.summary import outcome_line
+
+    outputs = summary["outputs"]
+    print(outcome_line(summary))
+    epsilon = (
+        "ε = ∞ (non-private)"
+        if summary["non_private"]
+        else f"ε = {summary['odometer_epsilon']:.3f} at δ = {summary['delta']:g} (odometer)"
+    )
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f}, {epsilon}; {summary['steps']} steps, "
+        f"{summary['wall_time_s']:.1f} s"
     )
     if summary["guarantee_epsilon"] is not None:
         print(
             f"guarantee: ε = {summary['guarantee_epsilon']:.3f} at δ = {summary['delta']:g} (Rényi filter budget)"
         )
     if summary["mi_readings"]:
-        line = (
+        print(
             f"leakage: {summary['mi_readings']} readings, MI mean {summary['mean_mi']:.3f}, max "
             f"{summary['max_mi']:.3f}, final {summary['final_mi']:.3f} nats"
         )
-        if summary["fraction_over_ceiling"] is not None:
-            line += (
-                f"; {100 * summary['fraction_over_ceiling']:.0f} % of readings over the ceiling "
-                f"{summary['target_mi']:g}"
-            )
-        print(line)
-    if summary["private_metrics_logged"]:
+    if summary["private_metrics_logged"] and not summary["non_private"]:
         print(
             "private metrics logged: the training-batch loss and batch size are published and not covered by ε"
         )
@@ -313,6 +402,19 @@ def _report(summary: dict) -> None:
         print(
             f"stopped early (privacy budget exhausted; the model trained so far is saved): {summary['stop_reason']}"
         )
+    _report_history(summary)
+    print(f"results in {outputs['dir']}/")
+    for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
+        if outputs.get(key):
+            print(f"  {key:<10} {outputs[key]}")
+    if summary["wandb"]["mode"] == "offline" and outputs.get("wandb"):
+        print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
+
+
+def _report_history(summary: dict) -> None:
+    """Lines about the run's past: a previous run moved aside, a resume and the steps it booked."""
+    if summary.get("previous_run_moved_to"):
+        print(f"the previous run in this folder was moved to {summary['previous_run_moved_to']}/")
     if summary.get("resumed_at_step") is not None:
         line = f"resumed after step {summary['resumed_at_step']}"
         if summary.get("discarded_steps"):
@@ -321,9 +423,3 @@ def _report(summary: dict) -> None:
                 "(discarded_steps.jsonl)"
             )
         print(line)
-    print(f"results in {outputs['dir']}/")
-    for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
-        if outputs.get(key):
-            print(f"  {key:<10} {outputs[key]}")
-    if summary["wandb"]["mode"] == "offline" and outputs.get("wandb"):
-        print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")

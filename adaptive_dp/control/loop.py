@@ -55,6 +55,9 @@ class NoiseControlLoop:
             save a checkpoint.
         distributed: whether rank 0 decides and broadcasts σ to the other ranks every step.
         guard: a :class:`~adaptive_dp.control.guard.MeterGuard` for estimators that can be blind, or None.
+        odometer: a :class:`~adaptive_dp.accountants.RenyiOdometer` booking every step (the guarantee of a run with
+            data-adaptive σ and no budget), or None.
+        sample_rate: q of one step (the odometer books q × the batches accumulated into the step).
     """
 
     def __init__(
@@ -73,6 +76,8 @@ class NoiseControlLoop:
         on_exhausted: Callable[[], None] | None = None,
         distributed: bool = False,
         guard: Any = None,
+        odometer: Any = None,
+        sample_rate: float | None = None,
     ):
         self.accountant = accountant
         self.controller = controller
@@ -86,6 +91,8 @@ class NoiseControlLoop:
         self.on_exhausted = on_exhausted
         self.distributed = distributed
         self.guard = guard
+        self.odometer = odometer
+        self.sample_rate = sample_rate
         self.pending_curve: Any = None  # σ′ ↦ (MI, stderr) of the pending reading, for a predictive controller
         self.rank = ddp.get_rank() if distributed else 0
         self.history: list[HistoryRecord] = []  # StepRecord.as_dict() of every step booked
@@ -134,6 +141,9 @@ class NoiseControlLoop:
                     "batches changes q — use BatchMemoryManager (virtual steps) instead"
                 )
             self.budget_filter.charge(sigma)
+        if self.odometer is not None:
+            rate = float(self.sample_rate) * int(getattr(optimizer, "accumulated_iterations", 1))
+            self.odometer.step(noise_multiplier=sigma, sample_rate=min(rate, 1.0))
         epsilon = float(self.accountant.get_epsilon(self.target_delta)) if self.cheap_epsilon else None
         self.history.append(record.with_epsilon(epsilon).as_dict())
 
@@ -247,6 +257,7 @@ class NoiseControlLoop:
             "user_sigma": self.user_sigma,
             "last_set_sigma": self.last_set_sigma,
             "guard": None if self.guard is None else self.guard.state_dict(),
+            "odometer": None if self.odometer is None else self.odometer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,6 +282,15 @@ class NoiseControlLoop:
         self.last_set_sigma = float(state.get("last_set_sigma", self.last_set_sigma))
         if self.guard is not None and state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
+        if self.odometer is not None:
+            self._load_odometer(state.get("odometer"))
+
+    def _load_odometer(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            self.odometer.load_state_dict(state)
+            return
+        for record in self.history:  # a checkpoint from before the odometer: rebuild it from the σ history
+            self.odometer.step(noise_multiplier=record["noise_multiplier"], sample_rate=self.sample_rate)
 
 
 def _reading_fields(reading: Any) -> dict[str, Any]:

@@ -5,12 +5,14 @@ from a ``ViTConfig``, never downloaded. Both use 4×4 patches (64 patches + the 
 on 28×28, 4 + 1 on 8×8), pre-LayerNorm blocks, GELU MLPs, no dropout, and LayerNorm only (no BatchNorm), so
 opacus computes their per-sample gradients in every ``grad_sample_mode`` (checked by the tests against
 per-example autograd). The classification head is the linear layer ``hf.classifier`` on the final [CLS]
-state.
+state. The query/key/value projections have no bias (``qkv_bias=False``, as in BEiT for the key): the key
+bias adds the same q·b to every score of a softmax row, so its gradient is identically zero and under DP-SGD
+it would receive only noise.
 
 ============  ======  ======  =====  ===  ============================
 name          hidden  layers  heads  MLP  parameters (3×32×32, 10 classes)
 ============  ======  ======  =====  ===  ============================
-``vit-tiny``  128     4       4      256  0.55 M
+``vit-tiny``  128     4       4      256  0.54 M
 ``vit-small`` 256     4       8      512  2.14 M (≈ 4× vit-tiny)
 ============  ======  ======  =====  ===  ============================
 
@@ -58,7 +60,7 @@ def vit_config(size: str, *, in_channels: int, num_classes: int, image_size: int
         image_size: side H = W of the square images, ≥ :data:`PATCH_SIZE`.
 
     Returns:
-        A ``ViTConfig`` with 4×4 patches, no dropout and eager attention.
+        A ``ViTConfig`` with 4×4 patches, no dropout, no query/key/value bias and eager attention.
 
     Raises:
         ValueError: unknown ``size`` or ``image_size`` < 4.
@@ -77,6 +79,7 @@ def vit_config(size: str, *, in_channels: int, num_classes: int, image_size: int
         num_labels=num_classes,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        qkv_bias=False,
         attn_implementation=ATTENTION_IMPLEMENTATION,
         **VIT_SIZES[size],
     )

@@ -3,7 +3,6 @@ budget, the best accuracy that holds each MI ceiling."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,18 +38,19 @@ def figures(row: Mapping[str, Any] | None) -> str:
 class Progress:
     """Progress lines of a sweep: ``[done/total] name: what happened; ETA``.
 
-    The ETA is the wall-clock time per run so far in this invocation times the runs left (it includes the
-    parallelism of ``--jobs``); runs skipped as finished count as done and take no time.
+    The ETA is the mean duration of the runs finished in this invocation times the runs left, divided by the
+    runs at once (``jobs``, at most the runs left); runs skipped as finished count as done and take no time.
 
     Args:
         total: runs in the grid.
         to_run: runs this invocation starts (not finished before).
+        jobs: runs at once.
     """
 
-    def __init__(self, *, total: int, to_run: int) -> None:
-        self.total, self.to_run = total, to_run
+    def __init__(self, *, total: int, to_run: int, jobs: int = 1) -> None:
+        self.total, self.to_run, self.jobs = total, to_run, jobs
         self.done = self.ran = 0
-        self.start = time.perf_counter()
+        self.seconds = 0.0
 
     def line(self, outcome: RunOutcome, row: Mapping[str, Any] | None) -> str:
         """The line for one more finished (or skipped, or failed) run."""
@@ -59,9 +59,9 @@ class Progress:
         if outcome.returncode is None:
             return f"[{self.done}/{self.total}] {name}: finished before, skipped — {figures(row)}"
         self.ran += 1
-        elapsed = time.perf_counter() - self.start
+        self.seconds += outcome.seconds
         left = self.to_run - self.ran
-        eta = f"ETA {duration(elapsed / self.ran * left)}" if left else "all runs done"
+        eta = f"ETA {duration(self.seconds / self.ran * left / min(self.jobs, left))}" if left else "all runs done"
         verb = {"interrupted": "resumed and finished", "new": "finished"}[outcome.state]
         if outcome.returncode != 0:
             what = f"FAILED (exit {outcome.returncode}; see {outcome.log})"

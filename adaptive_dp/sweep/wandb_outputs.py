@@ -124,7 +124,7 @@ def log_frontier_run(
 
         run = wandb.init(
             dir=str(out), project=project, group=group, name=f"{group}-frontier", job_type="sweep-frontier",
-            mode=mode, config={"axes": list(axes), "runs": len(rows)},
+            mode=mode, config={"axes": list(axes), "runs": len(rows)}, settings=wandb.Settings(silent=True),
         )  # fmt: skip
         columns, data = frontier_table_rows(rows, axes)
         payload: dict[str, Any] = {"frontier": wandb.Table(columns=columns, data=data)}

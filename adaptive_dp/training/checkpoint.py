@@ -1,14 +1,14 @@
-"""``checkpoint.pt`` of a training run: save, load, the trained model, and restoring a run to resume it.
+"""``checkpoint.pt`` of a training run: save (atomically), load (a damaged file is one clear error), the trained
+model.
 
-A checkpoint is written after every epoch (``complete: false``, with what :func:`restore_run` needs to
-continue exactly) and at the end (``complete: true``). Every file is readable with
+A checkpoint is written when the run starts and after every epoch (``complete: false``, with what
+:func:`adaptive_dp.training.restore.restore_run` needs to continue exactly) and at the end (``complete: true``). Every file is readable with
 ``torch.load(path, weights_only=True)``. torch is imported inside the functions (fast ``--help``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Mapping
@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptive_dp.training.config import TrainConfig
-from adaptive_dp.training.noise import reseed_after_lost_steps
 from adaptive_dp.training.state import TrainingRun
-from adaptive_dp.training.tracking import read_history
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 #: file format tag stored in ``checkpoint.pt``.
 CHECKPOINT_FORMAT = "adaptive_dp.checkpoint/1"
-#: where the records of steps lost in interruptions go (booked in ε and the budget, not in the model).
-DISCARDED_FILE = "discarded_steps.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A ``checkpoint.pt`` that cannot be used: damaged (empty, cut short), or not an adaptive_dp checkpoint."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -96,6 +96,12 @@ def save_checkpoint(
     ``history`` (step records), ``epochs`` (epoch records), ``epoch``, ``step``, ``rng_states`` and
     ``extra`` fields (see :func:`run_state_fields`, :func:`resume_fields` and the final fields of
     :func:`adaptive_dp.training.loop.train`).
+
+    The file is written to ``checkpoint.pt.tmp``, synced, and renamed over ``path``: a crash or a full disk
+    leaves the previous checkpoint as it was and no temporary file behind.
+
+    Raises:
+        OSError: the write failed (``filename`` is ``path``; e.g. ENOSPC for a full disk).
     """
     import torch
 
@@ -119,8 +125,19 @@ def save_checkpoint(
     }
     path = Path(path)
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(
+            missing_ok=True
+        )  # a full disk must not keep a partial file on it; the old checkpoint stays
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     return path
 
 
@@ -141,11 +158,13 @@ def save_run_checkpoint(run: TrainingRun, extra: Mapping[str, Any]) -> Path:
 
 
 def run_state_fields(run: TrainingRun) -> dict[str, Any]:
-    """Checkpoint fields of every checkpoint (per epoch and final): the engine's ``adaptive_state_dict()``
-    (controller, monitor, budget filter, history, pending reading), the starting σ, the audit split, the
-    discarded steps and the resume count."""
+    """Checkpoint fields of every checkpoint (per epoch and final): the run id, the engine's
+    ``adaptive_state_dict()`` (controller, monitor, budget filter, history, pending reading; None for a
+    non-private run), the starting σ, the audit split, the discarded steps and the resume count."""
     return {
-        "adaptive_state": run.engine.adaptive_state_dict(),
+        "run_id": run.run_id,
+        "non_private": run.engine is None,
+        "adaptive_state": run.engine.adaptive_state_dict() if run.engine is not None else None,
         "initial_noise_multiplier": run.initial_sigma,
         "audit_indices": list(run.audit_indices),
         "discarded_steps": list(run.progress.discarded),
@@ -154,13 +173,12 @@ def run_state_fields(run: TrainingRun) -> dict[str, Any]:
 
 
 def resume_fields(run: TrainingRun) -> dict[str, Any]:
-    """The fields a per-epoch checkpoint adds so that :func:`restore_run` can continue the run exactly: the
-    Poisson sampler's and the noise generator's states."""
-    return {
-        "complete": False,
-        "loader_generator_state": run.generator.get_state(),
-        "noise_generator_state": run.noise_generator.get_state(),
-    }
+    """The fields a per-epoch checkpoint adds so that :func:`adaptive_dp.training.restore.restore_run` can
+    continue the run exactly: the sampler's and the noise generator's states."""
+    fields = {"complete": False, "loader_generator_state": run.generator.get_state()}
+    if run.noise_generator is not None:
+        fields["noise_generator_state"] = run.noise_generator.get_state()
+    return fields
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict[str, Any]:
@@ -168,7 +186,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict[str,
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
-        ValueError: if the file is not an adaptive_dp checkpoint.
+        CheckpointError: (a ValueError) the file is empty or damaged (cut short by a copy or a full disk), or
+            not an adaptive_dp checkpoint.
+        PermissionError: the file cannot be read.
     """
     import torch
 
@@ -180,11 +200,29 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict[str,
             f"no checkpoint at {path}: train a model first with `adaptive-dp train --out DIR` "
             "(it writes DIR/checkpoint.pt) and pass that file or DIR"
         )
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise _damaged(path, "the file is empty")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, KeyError, OSError ... on damage
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise _damaged(path, f"cut short or corrupt: {type(exc).__name__}: {detail}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an adaptive_dp checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not an adaptive_dp checkpoint (expected format {CHECKPOINT_FORMAT!r}): pass the "
+            "OUT/checkpoint.pt that `adaptive-dp train` wrote"
+        )
     state["path"] = str(path)
     return state
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is damaged and cannot be used ({why}): restore it from a copy, or train again "
+        "(`adaptive-dp train --out DIR`; --overwrite moves a damaged run folder aside)"
+    )
 
 
 def load_trained_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -233,105 +271,3 @@ def load_trained_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[
         "checkpoint": state["path"],
     }
     return model, run
-
-
-# -- resume -----------------------------------------------------------------------------------------------------
-def check_resumable(state: Mapping[str, Any]) -> None:
-    """Raise unless ``state`` is a per-epoch checkpoint of an unfinished run.
-
-    Raises:
-        ValueError: if the checkpoint is of a finished run, or has no resume state (an older format).
-    """
-    if state.get("complete", True) or "loader_generator_state" not in state:
-        raise ValueError(
-            f"{state.get('path', 'the checkpoint')} is the checkpoint of a finished run (or of a version without "
-            "per-epoch checkpoints): nothing to resume; start a new run with another --out"
-        )
-
-
-def restore_run(state: Mapping[str, Any], run: TrainingRun) -> None:
-    """Load a per-epoch checkpoint into a freshly set-up ``run`` and book the steps lost since it was written.
-
-    Model, optimizer, accountant, engine (controller, monitor, Rényi filter), the Poisson sampler's generator
-    and the noise generator are restored, and ``run.progress`` is set; the global RNG states are not (the
-    caller restores them with :func:`set_rng_states` just before the first resumed step).
-
-    Steps a crashed attempt took after the checkpoint (``OUT/history.jsonl`` records past its step, and
-    records in ``OUT/discarded_steps.jsonl`` that a crashed resume booked only in memory) are lost from the
-    model, but their noisy gradients were released: they are booked into the accountant and charged to the
-    Rényi filter (fail closed: the odometer and the budget only count more), moved to
-    ``OUT/discarded_steps.jsonl`` (tagged ``discarded_by_resume``) and dropped from ``history.jsonl``, which
-    the resumed run appends to. When steps were lost the noise generator is re-seeded
-    (:func:`adaptive_dp.training.noise.reseed_after_lost_steps`), so the replayed steps draw noise independent
-    of the lost draws; when none was lost, the resumed run continues exactly as an uninterrupted one.
-
-    Raises:
-        ValueError: if the checkpoint is of a finished run, or has no resume state (an older format).
-    """
-    check_resumable(state)
-    unwrap_model(run.model).load_state_dict(state["model_state_dict"])
-    run.optimizer.load_state_dict(state["optimizer_state_dict"])
-    run.engine.accountant.load_state_dict(state["accountant_state_dict"])
-    run.engine.load_adaptive_state_dict(state["adaptive_state"])
-    run.generator.set_state(state["loader_generator_state"])
-    if "noise_generator_state" in state:
-        run.noise_generator.set_state(state["noise_generator_state"])
-    progress = run.progress
-    progress.history = [dict(r) for r in state["history"]]
-    progress.epochs = [dict(r) for r in state["epochs"]]
-    progress.epoch_times = [float(r.get("epoch_time_s") or 0.0) for r in progress.epochs]
-    progress.step = progress.history[-1]["step"] if progress.history else 0
-    progress.resumed_at_step = progress.step
-    progress.last_mi = next((r["mi"] for r in reversed(progress.history) if r.get("mi") is not None), None)
-    run.initial_sigma = float(state.get("initial_noise_multiplier", run.initial_sigma))
-    saved = [dict(r) for r in state.get("discarded_steps", [])]
-    unbooked = _discarded_on_disk(run.out)[len(saved) :]
-    progress.resume_count = 1 + max(
-        [int(state.get("resume_count", 0))] + [int(r.get("discarded_by_resume", 0)) for r in unbooked]
-    )
-    lost = [
-        {**r, "discarded": True, "discarded_by_resume": progress.resume_count}
-        for r in _take_lost_records(run.out, kept_step=progress.step)
-    ]
-    _book(run, [*unbooked, *lost])
-    progress.discarded = [*saved, *unbooked, *lost]
-    if lost:
-        with open(run.out / DISCARDED_FILE, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(record) + "\n" for record in lost)
-    if unbooked or lost:
-        reseed_after_lost_steps(
-            run.noise_generator,
-            seed=run.config.seed,
-            booked_steps=progress.step + len(progress.discarded),
-            resume_count=progress.resume_count,
-        )
-
-
-def _discarded_on_disk(out: Path) -> list[dict[str, Any]]:
-    """The records of ``OUT/discarded_steps.jsonl`` (every resume so far), [] without the file."""
-    path = out / DISCARDED_FILE
-    return read_history(path, torn_tail_ok=True) if path.is_file() else []
-
-
-def _take_lost_records(out: Path, *, kept_step: int) -> list[dict[str, Any]]:
-    """The records in ``OUT/history.jsonl`` past ``kept_step``; rewrites the file without them."""
-    history_path = out / "history.jsonl"
-    logged = read_history(history_path, torn_tail_ok=True) if history_path.is_file() else []
-    lost = [r for r in logged if isinstance(r.get("step"), int) and r["step"] > kept_step]
-    tmp = history_path.with_suffix(".jsonl.tmp")
-    tmp.write_text(
-        "".join(json.dumps(r) + "\n" for r in logged if r.get("step", 0) <= kept_step), encoding="utf-8"
-    )
-    os.replace(tmp, history_path)
-    return lost
-
-
-def _book(run: TrainingRun, records: list[Mapping[str, Any]]) -> None:
-    """Book each record's step in the accountant and charge it to the Rényi filter (if any)."""
-    engine = run.engine
-    for record in records:
-        sigma = float(record["noise_multiplier"])
-        sample_rate = float(record.get("sample_rate") or run.sample_rate)
-        engine.accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
-        if engine.budget_filter is not None:
-            engine.budget_filter.charge(sigma)

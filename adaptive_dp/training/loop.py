@@ -21,6 +21,7 @@ torch and opacus are imported inside the functions so that ``adaptive-dp --help`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,18 +33,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptive_dp.training.checkpoint import (
-    check_resumable,
     load_checkpoint,
     load_trained_model,
-    restore_run,
     resume_fields,
     save_run_checkpoint,
     set_rng_states,
 )
 from adaptive_dp.training.config import TrainConfig
+from adaptive_dp.training.interrupt import RunInterrupted, StopSignals
 from adaptive_dp.training.noise import make_noise_generator
+from adaptive_dp.training.plan import check_budget
+from adaptive_dp.training.progress import EpochProgress, fmt
 from adaptive_dp.training.records import adaptive_fields, make_epoch_record, make_step_record, step_epsilon
+from adaptive_dp.training.restore import check_resumable, check_run_folder, restore_run
+from adaptive_dp.training.rundir import RunLock, claim, new_run_id
 from adaptive_dp.training.setup import (
+    RunData,
     default_out_dir,
     load_data,
     make_engine,
@@ -51,6 +56,7 @@ from adaptive_dp.training.setup import (
     make_optimizer,
     make_private,
     resolve_device,
+    resolve_grad_sample_mode,
     seed_everything,
 )
 from adaptive_dp.training.state import TrainingRun
@@ -104,45 +110,58 @@ def evaluate(model: nn.Module, data, *, device=None, batch_size: int = 1024) -> 
 
 
 def train(
-    config: TrainConfig, *, progress: bool = True, _resume_state: Mapping[str, Any] | None = None
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    _resume_state: Mapping[str, Any] | None = None,
+    _lock: RunLock | None = None,
 ) -> dict[str, Any]:
-    """Train with DP-SGD as ``config`` says and write the run's outputs into ``config.out``.
+    """Train as ``config`` says (DP-SGD, or plain SGD with ``non_private``) and write the run's outputs into
+    ``config.out``.
 
     The audit split (``audit_fraction`` of the training set, seeded by ``seed``) is carved off first; the model
-    is trained on the rest only (q = 1 / ceil(len(rest) / batch_size)). Per optimizer step: σ used, ε (odometer
-    at ``delta``), and the leakage fields (``mi``, ``critic_gap`` and ``audit_loss`` on monitored steps — steps
-    1, 1 + k, 1 + 2k, ... for ``monitor_every`` = k —, ``sigma_floor`` under a budget, ``controller_error``
-    with a feedback controller) go to ``history.jsonl`` and W&B; the training-batch ``loss`` and
-    ``batch_size`` (not covered by ε) only with ``log_private_metrics``. Per epoch: test accuracy. At the end:
-    ``tradeoff.png``, ``checkpoint.pt`` (it carries the engine's adaptive state) and ``summary.json``.
-    The noise of DP-SGD comes from a generator of its own (:mod:`adaptive_dp.training.noise`).
+    is trained on the rest only (q = 1 / ceil(len(rest) / batch_size)). Before anything is built or written the
+    plan is checked (:mod:`adaptive_dp.training.plan`: the audit split leaves enough to train on, the budget's
+    σ is within ``sigma_max``) and the output folder is claimed (:mod:`adaptive_dp.training.rundir`: a folder
+    holding a run is refused unless ``overwrite`` moves it aside; a lock keeps a second run out). Per optimizer
+    step: σ used, ε (odometer at ``delta``), the run id, and the leakage fields (``mi``, ``critic_gap`` and
+    ``audit_loss`` on monitored steps — steps 1, 1 + k, 1 + 2k, ... for ``monitor_every`` = k —,
+    ``sigma_floor`` under a budget, ``controller_error`` with a feedback controller) go to ``history.jsonl``
+    and W&B; the training-batch ``loss`` and ``batch_size`` (not covered by ε) only with
+    ``log_private_metrics`` (and always in a non-private run, which nothing covers). Per epoch: test accuracy.
+    At the end: ``tradeoff.png``, ``checkpoint.pt`` (it carries the engine's adaptive state) and
+    ``summary.json``. The noise of DP-SGD comes from a generator of its own (:mod:`adaptive_dp.training.noise`).
 
     A hard budget (``target_epsilon``) that cannot pay for another step within ``sigma_max`` stops training
     early (the budget did its job): the outputs are written as after a full run, with ``stopped_early: true``
     and ``stop_reason`` in the summary; no exception escapes.
 
-    ``checkpoint.pt`` is also written after every epoch (atomically), so a crashed or interrupted run
-    continues from its last finished epoch with :func:`resume` (``adaptive-dp train --resume OUT``).
+    ``checkpoint.pt`` is also written when training starts and after every epoch (atomically), so a crashed or
+    interrupted run continues from its last finished epoch with :func:`resume` (``adaptive-dp train --resume
+    OUT``). SIGINT (Ctrl-C) and SIGTERM finish the step in flight, write the summary (``interrupted``) and close
+    the W&B run, then raise :class:`~adaptive_dp.training.interrupt.RunInterrupted` (single process only).
 
     Args:
         config: the options (validated here).
-        progress: show a tqdm progress bar per epoch (the batch loss — on this terminal only —, σ, ε, MI).
+        progress: report progress: a tqdm bar per epoch on a terminal, a few lines per epoch otherwise
+            (:mod:`adaptive_dp.training.progress`).
+        overwrite: move a run found in ``config.out`` aside to ``OUT.old-<UTC time>`` instead of refusing.
 
     Returns:
-        The summary (also in ``OUT/summary.json``): ``test_accuracy``, ``test_loss``, ``epsilon`` (= the
-        odometer), ``odometer_epsilon``, ``guarantee_epsilon`` (the Rényi filter's ε with ``target_epsilon``,
-        else None), ``epsilon_meaning``, ``delta``, ``noise_multiplier`` (σ of the last step),
-        ``noise_multiplier_range``, ``sample_rate``, ``steps``, ``epochs``, ``stopped_early``, ``stop_reason``,
-        the leakage summary of :func:`adaptive_dp.training.summary.leakage_summary` (``mi_readings``,
-        ``max_mi``, ``mean_mi``, ``final_mi``, ``target_mi``, ``fraction_over_ceiling``), ``audit_size``
-        (examples held out), ``audit_examples_read`` (how many of them the monitor reads, at most 256),
-        ``private_metrics_logged``, ``wall_time_s``, ``epoch_times_s``, ``per_epoch``, ``device``, ``dataset``
-        (``train_size`` excludes the audit split), ``model``, ``config``, ``outputs`` (paths), ``wandb``,
-        ``versions``.
+        The summary (also in ``OUT/summary.json``), see :func:`adaptive_dp.training.summary.build_summary`:
+        ``test_accuracy``, ``epsilon`` (= the odometer; None for a non-private run), ``guarantee_epsilon``,
+        ``noise_multiplier_range``, ``steps``, ``stopped_early``, the leakage summary, ``run_id``, ``outputs``,
+        ...
 
     Raises:
-        ValueError: bad options (unknown data set/model/device/controller, ``target_mi`` without the monitor ...).
+        ValueError: bad options (unknown data set/model/device/controller, ``target_mi`` without the monitor,
+            a budget above ``sigma_max`` or out of reach, an audit split leaving too little ...).
+        adaptive_dp.training.rundir.RunFolderError: (a ValueError) the folder holds a run, is in use by another
+            run, or cannot be written.
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
+        RunInterrupted: SIGINT / SIGTERM stopped the run (after writing what it had).
+        OSError: a write failed (e.g. a full disk); the previous checkpoint stays intact.
     """
     from adaptive_dp import distributed as ddp
 
@@ -158,18 +177,25 @@ def train(
             t_start=t_start,
             context=None,
             resume_state=_resume_state,
+            lock=_lock,
+            overwrite=overwrite,
         )
-    if _resume_state is not None:
+    if _resume_state is not None or config.non_private:
         raise NotImplementedError(
-            "resuming a run under torchrun is not supported yet; resume it in one process "
-            "(`adaptive-dp train --resume OUT` without torchrun)"
+            "resuming a run, or a --non-private run, under torchrun is not supported yet; run it in one process "
+            "(without torchrun)"
         )
     # under torchrun: one process per rank, DPDDP + opacus' distributed optimizer (rank 0 adds the noise)
     owned = not ddp.is_distributed()
     context = ddp.init_distributed(timeout_s=config.dist_timeout, device=str(device))
     try:
         return _train(
-            config, device=device, progress=progress and context.is_main, t_start=t_start, context=context
+            config,
+            device=device,
+            progress=progress and context.is_main,
+            t_start=t_start,
+            context=context,
+            overwrite=overwrite,
         )
     finally:
         if owned:
@@ -177,29 +203,36 @@ def train(
 
 
 def resume(out: str | os.PathLike, *, progress: bool = True, wandb_mode: str | None = None) -> dict[str, Any]:
-    """Continue an interrupted :func:`train` run from the per-epoch checkpoint in ``out``.
+    """Continue an interrupted :func:`train` run from the last checkpoint in ``out``.
 
     The options are the saved run's (``checkpoint.pt`` holds its :class:`TrainConfig`); only the W&B mode
     may change. Training continues at the epoch after the last finished one with the same batches, noise
     and controller state as an uninterrupted run would have (same machine and versions), and appends to
     ``out/history.jsonl``; the W&B run is a new one named ``<out>-resumed-at-step-<k>``. Steps taken after
-    the checkpoint are booked, never forgotten, and their replays draw fresh noise (see
-    :func:`adaptive_dp.training.checkpoint.restore_run`); the summary counts them in ``discarded_steps``.
+    the checkpoint (a torn last line of the history included) are booked, never forgotten, and their replays
+    draw fresh noise (see :mod:`adaptive_dp.training.restore`); the summary counts them in
+    ``discarded_steps``.
 
     Returns:
         The summary of the finished run, as :func:`train` returns it.
 
     Raises:
         FileNotFoundError: no ``checkpoint.pt`` in ``out``.
-        ValueError: the run is finished already, or the checkpoint is not an adaptive_dp checkpoint.
+        ValueError: the run is finished already; the checkpoint is damaged or not an adaptive_dp checkpoint
+            (``CheckpointError``); another run holds the folder, or its files belong to different runs
+            (``RunFolderError``).
+        RunInterrupted, OSError: as :func:`train`.
     """
-    state = load_checkpoint(out)
-    check_resumable(state)
-    config = TrainConfig.from_dict(state["config"])
-    config.out = str(Path(out))
-    if wandb_mode is not None:
-        config.wandb_mode = wandb_mode
-    return train(config, progress=progress, _resume_state=state)
+    load_checkpoint(out)  # a missing or damaged checkpoint fails before the folder is locked
+    with RunLock(out).acquire() as lock:
+        state = load_checkpoint(out)
+        check_resumable(state)
+        check_run_folder(state, out)
+        config = TrainConfig.from_dict(state["config"])
+        config.out = str(Path(out))
+        if wandb_mode is not None:
+            config.wandb_mode = wandb_mode
+        return train(config, progress=progress, _resume_state=state, _lock=lock)
 
 
 def _train(
@@ -209,38 +242,76 @@ def _train(
     progress: bool,
     t_start: float,
     context,
+    overwrite: bool = False,
     resume_state: Mapping[str, Any] | None = None,
+    lock: RunLock | None = None,
 ) -> dict[str, Any]:
-    """:func:`train` after validation; ``context``: the DistributedContext under torchrun, else None;
-    ``resume_state``: a per-epoch checkpoint to continue from (see :func:`resume`)."""
-    run = _set_up(config, device=device, context=context, t_start=t_start)
-    if resume_state is not None:
-        restore_run(resume_state, run)
-    run.tracker = _open_tracker(run, resumed=resume_state is not None)
-    if resume_state is not None:  # last: nothing between here and the first step may draw random numbers
-        set_rng_states(resume_state["rng_states"])
-    with run.tracker:
+    """:func:`train` after validation: check the plan, claim the folder, set up, run the epochs, finish.
+
+    ``context``: the DistributedContext under torchrun, else None; ``resume_state``: a checkpoint to continue
+    from and ``lock`` the folder's lock :func:`resume` holds."""
+    from adaptive_dp import distributed as ddp
+
+    data = load_data(config)
+    check_budget(config, train_size=len(data.train_set))
+    run_id = resume_state.get("run_id") if resume_state is not None else new_run_id()
+    out = Path(config.out) if config.out else default_out_dir()
+    if context is not None:  # rank 0's folder (a timestamped default differs between ranks) and run id
+        out, run_id = ddp.broadcast_object((str(out), run_id), what="broadcast of the output folder")
+        out = Path(out)
+    config.out = str(out)
+    moved_to = None
+    if lock is None and (context is None or context.is_main):
+        lock, moved_to = claim(out, overwrite=overwrite)
+    try:
+        run = _set_up(config, data, out=out, device=device, context=context, t_start=t_start)
+        run.run_id, run.previous_run = run_id, moved_to
+        if resume_state is not None:
+            restore_run(resume_state, run)
+        rng = resume_state["rng_states"] if resume_state is not None else None
+        return _run(run, progress=progress, resume_rng_states=rng)
+    except Exception as exc:
+        if (out / "checkpoint.pt").is_file() and lock is not None:
+            exc.add_note(f"continue the run with `adaptive-dp train --resume {out}`")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(run: TrainingRun, *, progress: bool, resume_rng_states: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Open the tracker, write the starting checkpoint (fresh runs), run the epochs, finish (or stop on a
+    signal); ``resume_rng_states``: the global RNG states of the checkpoint a resumed run continues from."""
+    config, resumed = run.config, resume_rng_states is not None
+    run.tracker = _open_tracker(run, resumed=resumed)
+    signals = StopSignals() if run.context is None else contextlib.nullcontext()
+    with run.tracker, signals:
+        if resumed:  # last: nothing between here and the first step may draw random numbers
+            set_rng_states(resume_rng_states)
+        elif run.is_main:  # a run stopped in its first epoch can be resumed too
+            save_run_checkpoint(run, resume_fields(run))
         for epoch in range(len(run.progress.epochs) + 1, config.epochs + 1):
-            _run_epoch(run, epoch, show=progress)
+            if getattr(signals, "received", None):
+                break
+            _run_epoch(run, epoch, show=progress, signals=signals)
             if run.progress.stop_reason is not None:
                 break
+        run.progress.interrupted = getattr(signals, "received", None)
+        if run.progress.interrupted is not None:
+            _stop_interrupted(run)
         return _finish_run(run)
 
 
-def _set_up(config: TrainConfig, *, device, context, t_start: float) -> TrainingRun:
-    """Data (with the audit split), output folder, seeds, model, optimizer, loaders, noise generator, and the
-    privacy engine's ``make_private``; under DDP each rank Poisson-samples its shard at the global q."""
+def _set_up(config: TrainConfig, data: RunData, *, out: Path, device, context, t_start: float) -> TrainingRun:
+    """Seeds, model, optimizer, loaders, and (unless non-private) the noise generator and the privacy engine's
+    ``make_private``; under DDP each rank Poisson-samples its shard at the global q."""
     import torch
 
     from adaptive_dp import distributed as ddp
     from adaptive_dp.models.cnn import build_model
 
-    train_set, audit_set, test_set, info = load_data(config)
-    out = Path(config.out) if config.out else default_out_dir()
-    if context is not None:  # rank 0's folder (a timestamped default differs between ranks)
-        out = Path(ddp.broadcast_object(str(out), what="broadcast of the output folder"))
-    config.out = str(out)
     seed_everything(config.seed)
+    info = data.info
     model = build_model(
         config.model,
         in_channels=info.in_channels,
@@ -251,22 +322,30 @@ def _set_up(config: TrainConfig, *, device, context, t_start: float) -> Training
     if context is not None:
         model = ddp.wrap_model(model)  # DPDDP: rank 0's initial parameters on every rank
     optimizer = make_optimizer(config, model.parameters())
-    train_loader, test_loader, generator = make_loaders(config, train_set=train_set, test_set=test_set)
-    noise_generator = make_noise_generator(config.seed, device=device)
-    engine = make_engine(config)
-    model, optimizer, train_loader = make_private(
-        engine,
-        config,
-        model=model,
-        optimizer=optimizer,
-        data_loader=train_loader,
-        noise_generator=noise_generator,
-        audit_data=audit_set,
+    train_loader, test_loader, generator = make_loaders(
+        config, train_set=data.train_set, test_set=data.test_set
     )
+    engine = noise_generator = mode = None
+    criterion = torch.nn.CrossEntropyLoss()
+    if not config.non_private:
+        noise_generator = make_noise_generator(config.seed, device=device)
+        engine = make_engine(config)
+        mode = resolve_grad_sample_mode(config.grad_sample_mode, model=config.model)
+        model, optimizer, criterion, train_loader = make_private(
+            engine,
+            config,
+            model=model,
+            optimizer=optimizer,
+            data_loader=train_loader,
+            noise_generator=noise_generator,
+            audit_data=data.audit_set,
+            grad_sample_mode=mode,
+        )
     if context is not None:  # each rank Poisson-samples its shard at the global q, with its own generator
         train_loader = ddp.distributed_poisson_loader(
             train_loader, generator=torch.Generator().manual_seed(config.seed + 1_000_003 * context.rank)
         )
+    audit = data.audit_set
     return TrainingRun(
         config=config,
         device=device,
@@ -274,21 +353,23 @@ def _set_up(config: TrainConfig, *, device, context, t_start: float) -> Training
         out=out,
         info=info,
         sizes={
-            "train_size": len(train_set),
-            "audit_size": len(audit_set) if audit_set is not None else 0,
-            "test_size": len(test_set),
+            "train_size": len(data.train_set),
+            "audit_size": len(audit) if audit else 0,
+            "test_size": len(data.test_set),
         },
-        audit_indices=list(getattr(audit_set, "indices", [])) if audit_set is not None else [],
+        audit_indices=list(getattr(audit, "indices", [])) if audit is not None else [],
         model=model,
         optimizer=optimizer,
         train_loader=train_loader,
+        criterion=criterion,
         test_loader=test_loader,
         engine=engine,
         generator=generator,
         noise_generator=noise_generator,
         t_start=t_start,
         sample_rate=float(getattr(train_loader, "sample_rate", 1.0 / len(train_loader))),
-        initial_sigma=float(optimizer.noise_multiplier),
+        initial_sigma=float(optimizer.noise_multiplier) if engine is not None else 0.0,
+        grad_sample_mode=mode,
     )
 
 
@@ -315,19 +396,18 @@ def _open_tracker(run: TrainingRun, *, resumed: bool):
     return tracker
 
 
-def _run_epoch(run: TrainingRun, epoch: int, *, show: bool) -> None:
-    """One pass over the Poisson loader (stops at a step the budget refuses), then :func:`_end_epoch`."""
-    from tqdm.auto import tqdm
-
+def _run_epoch(run: TrainingRun, epoch: int, *, show: bool, signals: Any = None) -> None:
+    """One pass over the loader (stops at a step the budget refuses, or after the step in flight when a signal
+    came), then :func:`_end_epoch` (not after a signal: the epoch is not finished)."""
     t_epoch = time.perf_counter()
     run.model.train()
     batch_losses: list[float] = []
-    bar = tqdm(
+    bar = EpochProgress(
         run.train_loader,
-        desc=f"epoch {epoch}/{run.config.epochs}",
-        disable=not show,
-        dynamic_ncols=True,
-        leave=True,
+        epoch=epoch,
+        epochs=run.config.epochs,
+        show=show,
+        loss_in_lines=_publishes_batch_stats(run),
     )
     for x, y in bar:
         loss = _take_step(run, epoch, x, y)
@@ -336,44 +416,49 @@ def _run_epoch(run: TrainingRun, epoch: int, *, show: bool) -> None:
         if math.isfinite(loss):
             batch_losses.append(loss)
         record = run.progress.history[-1]
-        bar.set_postfix_str(  # the user's own terminal: the batch loss may show here
-            f"loss={_fmt(loss)} σ={_fmt(record['noise_multiplier'])} ε={_fmt(record['epsilon'], 2)} "
-            f"MI={_fmt(run.progress.last_mi)}",
-            refresh=False,
+        bar.update(
+            loss=loss, sigma=record["noise_multiplier"], epsilon=record["epsilon"], mi=run.progress.last_mi
         )
+        if getattr(signals, "received", None):
+            bar.close()
+            return
     bar.close()
     _end_epoch(run, epoch, batch_losses=batch_losses, t_epoch=t_epoch, show=show)
 
 
-def _take_step(run: TrainingRun, epoch: int, x, y) -> float | None:
-    """One DP-SGD step on the batch ``(x, y)``; records and logs it. Returns the batch loss (for the progress
-    bar), or None when the Rényi filter refused the step (nothing was booked; ``stop_reason`` is set)."""
-    from torch.nn import functional as F
+def _publishes_batch_stats(run: TrainingRun) -> bool:
+    """Whether the training-batch loss and size are published: on request, and always without DP (ε = ∞)."""
+    return run.config.log_private_metrics or run.config.non_private
 
+
+def _take_step(run: TrainingRun, epoch: int, x, y) -> float | None:
+    """One optimizer step on the batch ``(x, y)``; records and logs it. Returns the batch loss (for the progress
+    bar), or None when the Rényi filter refused the step (nothing was booked; ``stop_reason`` is set)."""
     from adaptive_dp.accountants.filter import PrivacyBudgetExhausted
 
     x, y = x.to(run.device), y.to(run.device)
     run.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(run.model(x), y)
-    loss.backward()
+    loss = run.criterion(run.model(x), y)
+    loss.backward()  # in ghost mode: both passes of ghost clipping
     try:
         run.optimizer.step()
     except PrivacyBudgetExhausted as exc:
         run.progress.stop_reason = str(exc)
         return None
-    progress, private = run.progress, run.config.log_private_metrics
+    progress, publish = run.progress, _publishes_batch_stats(run)
     progress.step += 1
     batch_loss = loss.item()
     record = make_step_record(
         step=progress.step,
         epoch=epoch,
-        noise_multiplier=run.optimizer.noise_multiplier,
+        noise_multiplier=run.optimizer.noise_multiplier if run.engine is not None else 0.0,
         epsilon=step_epsilon(run.engine, run.config.delta),
         sample_rate=run.sample_rate,
         lr=run.optimizer.param_groups[0]["lr"],
         **adaptive_fields(run.engine),
-        loss=batch_loss if private else None,
-        batch_size=len(y) if private else None,
+        loss=batch_loss if publish else None,
+        batch_size=len(y) if publish else None,
+        run_id=run.run_id,
     )
     progress.history.append(record)
     run.tracker.log_step(record)
@@ -387,8 +472,6 @@ def _end_epoch(
 ) -> None:
     """Test metrics, the epoch record, and the per-epoch checkpoint (not after the last epoch, nor when the
     budget stopped training: the final checkpoint follows)."""
-    from tqdm.auto import tqdm
-
     progress, config = run.progress, run.config
     progress.epoch_times.append(time.perf_counter() - t_epoch)
     test = evaluate(run.model, run.test_loader, device=run.device)
@@ -397,22 +480,43 @@ def _end_epoch(
         step=progress.step,
         history=progress.history,
         test=test,
-        noise_multiplier=float(run.optimizer.noise_multiplier),
+        noise_multiplier=float(run.optimizer.noise_multiplier) if run.engine is not None else 0.0,
         last_mi=progress.last_mi,
         epoch_time_s=progress.epoch_times[-1],
-        batch_losses=batch_losses if config.log_private_metrics else None,
+        batch_losses=batch_losses if _publishes_batch_stats(run) else None,
     )
     progress.epochs.append(record)
     run.tracker.log_epoch(record)
     if progress.stop_reason is None and epoch < config.epochs and run.is_main:
         save_run_checkpoint(run, resume_fields(run))
     if show:
-        tqdm.write(
-            f"epoch {epoch}: test accuracy {test['accuracy']:.4f}, ε = {_fmt(record['epsilon'])} at "
-            f"δ = {config.delta:g}, MI = {_fmt(progress.last_mi)} nats, {progress.epoch_times[-1]:.1f} s"
+        epsilon = (
+            "∞ (non-private)" if run.engine is None else f"{fmt(record['epsilon'])} at δ = {config.delta:g}"
+        )
+        print(
+            f"epoch {epoch}: test accuracy {test['accuracy']:.4f}, ε = {epsilon}, MI = {fmt(progress.last_mi)} "
+            f"nats, {progress.epoch_times[-1]:.1f} s",
+            flush=True,
         )
         if progress.stop_reason is not None:
-            tqdm.write(f"stopped early after {progress.step} steps: {progress.stop_reason}")
+            print(f"stopped early after {progress.step} steps: {progress.stop_reason}", flush=True)
+
+
+def _stop_interrupted(run: TrainingRun) -> None:
+    """Write the summary of a run a signal stopped (the last checkpoint stays: the run can be resumed), close
+    the W&B run, and raise :class:`RunInterrupted`."""
+    from adaptive_dp.training.interrupt import EXIT_CODES
+
+    command = f"adaptive-dp train --resume {run.out}"
+    outputs = output_paths(run)
+    outputs["tradeoff"] = None
+    summary = build_summary(run, outputs=outputs, figures=privacy_figures(run))
+    summary["resume_command"] = command
+    code = EXIT_CODES.get(run.progress.interrupted, 1)
+    run.tracker.finish(summary, exit_code=code)
+    raise RunInterrupted(
+        signal_name=run.progress.interrupted, summary=json.loads(json.dumps(summary)), resume_command=command
+    )
 
 
 def _finish_run(run: TrainingRun) -> dict[str, Any]:
@@ -445,10 +549,11 @@ def _finish_run(run: TrainingRun) -> dict[str, Any]:
 
 def _write_figure(run: TrainingRun, outputs: dict[str, Any], *, guarantee_epsilon: float | None) -> None:
     """``tradeoff.png`` (its path set to None in ``outputs`` if drawing fails: a plotting failure must not lose
-    the trained model); its training curve is the audit loss unless the run logs private metrics."""
+    the trained model); its training curve is the audit loss unless the run publishes the batch loss."""
     from adaptive_dp.training.plots import plot_tradeoff
 
     config = run.config
+    kind = "non-private SGD" if config.non_private else "DP-SGD"
     try:
         plot_tradeoff(
             run.progress.history,
@@ -457,15 +562,11 @@ def _write_figure(run: TrainingRun, outputs: dict[str, Any], *, guarantee_epsilo
             delta=config.delta,
             target_mi=config.target_mi,
             guarantee_epsilon=guarantee_epsilon,
-            loss_field="loss" if config.log_private_metrics else "audit_loss",
-            title=f"{config.dataset} / {config.model}: DP-SGD"
+            loss_field="loss" if _publishes_batch_stats(run) else "audit_loss",
+            title=f"{config.dataset} / {config.model}: {kind}"
             + (f", {config.controller}" if config.controller else ""),
         )
         run.tracker.log_image(outputs["tradeoff"], "plots/tradeoff")
     except Exception as exc:  # noqa: BLE001 - a plotting failure must not lose the trained model
         logger.warning("could not draw the trade-off figure: %s", exc)
         outputs["tradeoff"] = None
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"

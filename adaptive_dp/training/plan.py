@@ -12,6 +12,7 @@ incremental RDP gives the same ε to ~1e-12).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from adaptive_dp.training.config import TrainConfig
@@ -78,21 +79,10 @@ def check_budget(config: TrainConfig, *, train_size: int) -> BudgetPlan | None:
     """
     if config.target_epsilon is None or config.non_private:
         return None
-    from opacus.accountants.utils import get_noise_multiplier
-
     sample_rate = 1.0 / math.ceil(train_size / config.batch_size)
     steps = int(config.epochs / sample_rate)
-    with warnings.catch_warnings():  # the search visits σ's whose best order is the largest
-        try:  # the search visits σ's whose best order is the largest
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        sigma = get_noise_multiplier(
-            target_epsilon=config.target_epsilon,
-            target_delta=config.delta,
-            sample_rate=sample_rate,
-            epochs=config.epochs,
-            accountant="rdp",
-            epsilon_tolerance=EPSILON_TOLERANCE,
-        )
+    try:
+        sigma = _needed_sigma(config, sample_rate=sample_rate)
     except ValueError as exc:
         if "budget is too low" not in str(exc):
             raise
@@ -103,11 +93,27 @@ def check_budget(config: TrainConfig, *, train_size: int) -> BudgetPlan | None:
     return plan
 
 
+def _needed_sigma(config: TrainConfig, *, sample_rate: float) -> float:
+    """opacus' ``get_noise_multiplier`` for the plan (raises its ValueError when no σ meets the budget)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # the search visits σ's whose best order is the largest
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=config.target_epsilon,
+                target_delta=config.delta,
+                sample_rate=sample_rate,
+                epochs=config.epochs,
+                accountant="rdp",
+                epsilon_tolerance=EPSILON_TOLERANCE,
+            )
+        )
+
+
 def rdp_epsilon(*, sigma: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε at ``delta`` of ``steps`` steps of the sampled Gaussian mechanism at ``sigma`` and ``sample_rate``
     (opacus' RDP accountant; Mironov 2017, Mironov et al. 2019)."""
-    import warnings
-
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
@@ -154,6 +160,6 @@ def _unreachable_message(config: TrainConfig, *, sample_rate: float, steps: int)
     return (
         f"--target-epsilon {config.target_epsilon:g} at δ = {config.delta:g} cannot be met: even σ = {MAX_SIGMA:g} "
         f"spends ε = {floor:.3f} over {config.epochs} epochs ({steps} steps at q = {sample_rate:.4g}) by the RDP "
-        f"accountant (opacus: \"The privacy budget is too low.\"); raise --target-epsilon above {floor:.3f}, or "
+        f'accountant (opacus: "The privacy budget is too low."); raise --target-epsilon above {floor:.3f}, or '
         "raise --delta"
     )

@@ -38,9 +38,11 @@ def adaptive_fields(engine) -> dict[str, Any]:
     return fields
 
 
-def step_epsilon(engine, delta: float) -> float:
+def step_epsilon(engine, delta: float) -> float | None:
     """The odometer after the step just taken: the engine's history records it (cheap incremental RDP),
-    else the accountant's ``get_epsilon(delta)``."""
+    else the accountant's ``get_epsilon(delta)``; None without an engine (a non-private run, ε = ∞)."""
+    if engine is None:
+        return None
     last = engine.history[-1] if getattr(engine, "history", None) else {}
     epsilon = last.get("epsilon")
     return float(engine.get_epsilon(delta)) if epsilon is None else float(epsilon)
@@ -51,7 +53,7 @@ def make_step_record(
     step: int,
     epoch: int,
     noise_multiplier: float,
-    epsilon: float,
+    epsilon: float | None,
     sample_rate: float,
     lr: float,
     mi: float | None = None,
@@ -69,7 +71,7 @@ def make_step_record(
         step: 1-based optimizer step.
         epoch: 1-based epoch.
         noise_multiplier: σ used for this step (noise std = σ · max_grad_norm).
-        epsilon: accountant's ε at the run's δ after this step (odometer).
+        epsilon: accountant's ε at the run's δ after this step (odometer); None for a non-private run (ε = ∞).
         sample_rate: q.
         lr: learning rate used.
         mi: leakage reading taken at this step (nats), None when none was taken, NaN for a failed one.
@@ -89,7 +91,7 @@ def make_step_record(
         "step": int(step),
         "epoch": int(epoch),
         "noise_multiplier": float(noise_multiplier),
-        "epsilon": float(epsilon),
+        "epsilon": None if epsilon is None else float(epsilon),
         "sample_rate": float(sample_rate),
         "lr": float(lr),
         "mi": mi,

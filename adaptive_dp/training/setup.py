@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adaptive_dp.training.config import DEVICES, TrainConfig
+from adaptive_dp.training.config import DEVICES, GRAD_SAMPLE_MODES, TrainConfig
+from adaptive_dp.training.plan import check_audit_split
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+#: the fastest correct grad-sample mode per model, measured on 2 CPU cores (one DP-SGD step on 3×32×32 inputs,
+#: batch 64 and 256, median of 3 after a warm-up; ms per step, hooks / functorch / ew / ghost):
+#:   small-cnn  B=64:   95 / 105 / 103 / 106     B=256:   479 /   454 /  667 /  319
+#:   tanh-cnn   B=64:  864 / 1080 / 1050 / 914   B=256:  8115 / 17407 /   …  /   …
+#:   lenet      B=64:   …                        B=256:   147 /   148 /  133 /  197
+#:   resnet20   B=64: 2020 /  …   / 4453 / 1031  B=256:  8782 /  3929 /   …  /   …
+#: (see the report; "hooks" is opacus' default and the choice for models not listed.)
+FASTEST_GRAD_SAMPLE_MODE: dict[str, str] = {
+    "small-cnn": "hooks",
+    "tanh-cnn": "hooks",
+    "lenet": "hooks",
+    "resnet20": "ghost",
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -59,29 +75,50 @@ def default_out_dir(root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def load_data(config: TrainConfig) -> tuple[Any, Any, Any, Any]:
-    """``(train_set, audit_set, test_set, info)`` of ``config.dataset``.
+@dataclass(frozen=True)
+class RunData:
+    """The data of a run: ``train_set`` (what is trained on), ``audit_set`` (the held-out audit split, None
+    without one), ``test_set``, ``info`` (:class:`adaptive_dp.data.DatasetInfo`) and ``full_size`` (examples
+    of the whole training set)."""
 
-    With the monitor on, the audit split (``audit_fraction`` of the training set, seeded by ``seed``) is carved
-    off first and ``train_set`` is the rest; else ``audit_set`` is None. ``info``: the data set's
-    :class:`adaptive_dp.data.DatasetInfo`.
+    train_set: Any
+    audit_set: Any
+    test_set: Any
+    info: Any
+    full_size: int
+
+
+def load_data(config: TrainConfig) -> RunData:
+    """The data of ``config.dataset``, with the audit split carved off first (``audit_fraction`` of the training
+    set, seeded by ``seed``; also for a non-private run, so that it trains on the same examples as the DP run
+    it is the reference for) and checked (:func:`adaptive_dp.training.plan.check_audit_split`).
 
     Raises:
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
-        ValueError: ``batch_size`` larger than the training set.
+        ValueError: the audit split leaves fewer training examples than a batch, or under half of the data
+            set (unless ``force``).
     """
     from adaptive_dp.data import audit_split, load_dataset
 
     full_train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
     test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
     train_set, audit_set = full_train_set, None
-    if config.monitor_on:
+    if config.audit_fraction:
         train_set, audit_set = audit_split(full_train_set, fraction=config.audit_fraction, seed=config.seed)
-    if config.batch_size > len(train_set):
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the training set ({len(train_set)} examples)"
-        )
-    return train_set, audit_set, test_set, full_train_set.info
+    check_audit_split(config, train_size=len(train_set), full_size=len(full_train_set))
+    return RunData(train_set, audit_set, test_set, full_train_set.info, len(full_train_set))
+
+
+def resolve_grad_sample_mode(mode: str, *, model: str) -> str:
+    """opacus' per-sample-gradient mode for ``--grad-sample-mode``: ``mode`` itself, or for "auto" the fastest
+    mode measured for ``model`` (:data:`FASTEST_GRAD_SAMPLE_MODE`; "hooks", opacus' default, for others).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"unknown grad_sample_mode {mode!r}; choose one of: {', '.join(GRAD_SAMPLE_MODES)}")
+    return FASTEST_GRAD_SAMPLE_MODE.get(model, "hooks") if mode == "auto" else mode
 
 
 def make_loaders(config: TrainConfig, *, train_set, test_set) -> tuple[Any, Any, torch.Generator]:
@@ -124,7 +161,15 @@ def make_engine(config: TrainConfig):
 
 
 def make_private(
-    engine, config: TrainConfig, *, model, optimizer, data_loader, noise_generator, audit_data=None
+    engine,
+    config: TrainConfig,
+    *,
+    model,
+    optimizer,
+    data_loader,
+    noise_generator,
+    audit_data=None,
+    grad_sample_mode: str = "hooks",
 ):
     """Wrap model, optimizer and loader with ``engine`` (Poisson sampling, flat clipping at ``max_grad_norm``,
     mean loss reduction) and close the leakage loop as ``config`` says.
@@ -142,16 +187,22 @@ def make_private(
         noise_generator: the ``torch.Generator`` opacus draws the noise from (on the parameters' device; see
             :mod:`adaptive_dp.training.noise`).
         audit_data: the audit split (never trained on), None to run without the monitor.
+        grad_sample_mode: opacus' per-sample-gradient mode (:func:`resolve_grad_sample_mode`).
 
     Returns:
-        (GradSampleModule, DPOptimizer, DPDataLoader).
+        (GradSampleModule, DPOptimizer, criterion, DPDataLoader): the criterion is mean cross-entropy, or in
+        ghost mode the one opacus returns (its ``backward`` runs both passes of ghost clipping).
 
     Raises:
         ValueError: from the engine, for settings it cannot honour (its message names the fix).
     """
+    import torch
+
     common = dict(
         module=model,
         optimizer=optimizer,
+        criterion=torch.nn.CrossEntropyLoss(),
+        grad_sample_mode=grad_sample_mode,
         data_loader=data_loader,
         max_grad_norm=config.max_grad_norm,
         noise_generator=noise_generator,
@@ -167,14 +218,19 @@ def make_private(
         seed=config.seed,
     )
     if config.target_epsilon is not None:
-        return engine.make_private_with_epsilon(
+        out = engine.make_private_with_epsilon(
             **common, target_epsilon=config.target_epsilon, target_delta=config.delta, epochs=config.epochs
         )
-    planned_steps = config.epochs * len(data_loader)  # opacus: q = 1 / len(loader), 1 / q steps per epoch
-    # the engine spans a schedule over the planned steps: σ_start at step 1, sigma_end at the last one.
-    return engine.make_private(
-        **common,
-        noise_multiplier=config.noise_multiplier,
-        total_steps=planned_steps,
-        target_delta=config.delta,
-    )
+    else:
+        planned_steps = config.epochs * len(data_loader)  # opacus: q = 1 / len(loader), 1 / q steps per epoch
+        # the engine spans a schedule over the planned steps: σ_start at step 1, sigma_end at the last one.
+        out = engine.make_private(
+            **common,
+            noise_multiplier=config.noise_multiplier,
+            total_steps=planned_steps,
+            target_delta=config.delta,
+        )
+    if len(out) == 4:  # ghost mode
+        return out
+    module, dp_optimizer, loader = out
+    return module, dp_optimizer, common["criterion"], loader

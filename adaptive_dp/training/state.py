@@ -29,6 +29,7 @@ class RunProgress:
         discarded: records of the steps lost in interruptions (booked, not in the model), every resume.
         resumed_at_step: the step a resumed run continued after, None for a run that was not resumed.
         resume_count: resumes this run's state has been through (0 for an uninterrupted run).
+        interrupted: the signal that stopped the run ("SIGINT", "SIGTERM"), None while it goes on.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -40,6 +41,7 @@ class RunProgress:
     discarded: list[dict[str, Any]] = field(default_factory=list)
     resumed_at_step: int | None = None
     resume_count: int = 0
+    interrupted: str | None = None
 
 
 @dataclass
@@ -55,11 +57,18 @@ class TrainingRun:
         sizes: ``train_size`` (audit split excluded), ``audit_size``, ``test_size``.
         audit_indices: indices of the audit split in the full training set.
         model, optimizer, train_loader: what ``make_private`` returned (GradSampleModule, DPOptimizer,
-            Poisson DPDataLoader).
+            Poisson DPDataLoader); the plain model, optimizer and shuffled loader of a non-private run.
+        criterion: the loss of a step (mean cross-entropy; in ghost mode the criterion ``make_private``
+            returned, whose ``backward`` does the two passes of ghost clipping).
         test_loader: the test split's loader.
-        engine: the privacy engine.
+        engine: the privacy engine (None for a non-private run).
         generator: the Poisson sampler's generator (the batches).
-        noise_generator: the generator opacus draws the noise from (see :mod:`adaptive_dp.training.noise`).
+        noise_generator: the generator opacus draws the noise from (see :mod:`adaptive_dp.training.noise`; None
+            for a non-private run).
+        run_id: the run's id, written into every record, checkpoint and summary
+            (:mod:`adaptive_dp.training.rundir`).
+        grad_sample_mode: opacus' per-sample-gradient mode in use (None for a non-private run).
+        previous_run: where ``--overwrite`` moved the run found in the folder (None when there was none).
         sample_rate: q.
         initial_sigma: the starting σ (opacus' choice under ``target_epsilon``).
         t_start: ``time.perf_counter()`` when :func:`adaptive_dp.training.train` was called.
@@ -77,6 +86,7 @@ class TrainingRun:
     model: Any
     optimizer: Any
     train_loader: Any
+    criterion: Any
     test_loader: Any
     engine: Any
     generator: Any
@@ -84,6 +94,9 @@ class TrainingRun:
     sample_rate: float
     initial_sigma: float
     t_start: float
+    run_id: str | None = None
+    grad_sample_mode: str | None = None
+    previous_run: Path | None = None
     progress: RunProgress = field(default_factory=RunProgress)
     tracker: Any = None
 

@@ -20,14 +20,16 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
 
     Returns:
         ``{"mi_readings": count of valid readings, "failed_readings": count of NaN readings, "max_mi",
-        "mean_mi", "final_mi" (None without readings), "target_mi", "fraction_over_ceiling"}`` — the last is the
-        share of valid readings above ``target_mi`` (None without a ceiling or readings).
+        "mean_mi", "final_mi" (None without readings), "target_mi", "readings_over_ceiling",
+        "fraction_over_ceiling"}`` — the last two are the count and the share of valid readings above
+        ``target_mi`` (None without a ceiling or readings).
     """
     values = [r.get("mi") for r in history if r.get("mi") is not None]
     valid = [float(v) for v in values if math.isfinite(float(v))]
-    over = None
+    over = count = None
     if target_mi is not None and valid:
-        over = sum(v > target_mi for v in valid) / len(valid)
+        count = sum(v > target_mi for v in valid)
+        over = count / len(valid)
     return {
         "mi_readings": len(valid),
         "failed_readings": len(values) - len(valid),
@@ -35,12 +37,18 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
         "mean_mi": sum(valid) / len(valid) if valid else None,
         "final_mi": valid[-1] if valid else None,
         "target_mi": target_mi,
+        "readings_over_ceiling": count,
         "fraction_over_ceiling": over,
     }
 
 
 def epsilon_meaning(config: TrainConfig, *, guarantee: float | None) -> str:
-    """What the summary's ε values mean for this run (guarantee, odometer with or without adaptive σ)."""
+    """What the summary's ε values mean for this run (guarantee, odometer with or without adaptive σ, none)."""
+    if config.non_private:
+        return (
+            "non-private run (plain SGD: no clipping, no noise, no accountant): ε = ∞, written as null "
+            "with non_private: true"
+        )
     if guarantee is not None:
         return (
             f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); "
@@ -56,8 +64,11 @@ def epsilon_meaning(config: TrainConfig, *, guarantee: float | None) -> str:
 
 def privacy_figures(run: TrainingRun) -> dict[str, Any]:
     """``noise_multiplier`` (σ of the last step), ``epsilon`` (the odometer at δ, lost steps included),
-    ``guarantee_epsilon`` (the Rényi filter's ε, None without a budget) and ``accountant`` of ``run``."""
+    ``guarantee_epsilon`` (the Rényi filter's ε, None without a budget) and ``accountant`` of ``run``; a
+    non-private run has σ 0 and no ε (None: ε = ∞), guarantee or accountant."""
     history, config = run.progress.history, run.config
+    if run.engine is None:
+        return {"noise_multiplier": 0.0, "epsilon": None, "guarantee_epsilon": None, "accountant": None}
     privacy = run.engine.privacy_summary(config.delta)
     if history and not run.progress.discarded:
         odometer = history[-1]["epsilon"]
@@ -82,15 +93,20 @@ def build_summary(
         figures: :func:`privacy_figures` of ``run``.
 
     ``private_metrics_logged`` says whether the training-batch loss and batch size (not covered by ε) were
-    published (``log_private_metrics``).
+    published (``log_private_metrics``, always in a non-private run). ``epsilon``, ``odometer_epsilon`` and
+    ``guarantee_epsilon`` are null in a non-private run (ε = ∞; ``non_private: true``). ``interrupted`` names
+    the signal that stopped the run (None for a run that ended); ``test_accuracy`` is the last finished
+    epoch's (None before one). ``run_id`` is the id every file of the run carries.
     """
     config, progress = run.config, run.progress
-    final = progress.epochs[-1]
+    final = progress.epochs[-1] if progress.epochs else {}
     sigmas = [r["noise_multiplier"] for r in progress.history] or [figures["noise_multiplier"]]
     monitor = getattr(run.engine, "monitor", None)
     return {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
+        "run_id": run.run_id,
+        "non_private": config.non_private,
+        "test_accuracy": final.get("test_accuracy"),
+        "test_loss": final.get("test_loss"),
         "epsilon": figures["epsilon"],
         "odometer_epsilon": figures["epsilon"],
         "guarantee_epsilon": figures["guarantee_epsilon"],
@@ -107,13 +123,16 @@ def build_summary(
         "epochs": config.epochs,
         "stopped_early": progress.stop_reason is not None,
         "stop_reason": progress.stop_reason,
+        "interrupted": progress.interrupted,
+        "previous_run_moved_to": str(run.previous_run) if run.previous_run is not None else None,
+        "grad_sample_mode": run.grad_sample_mode,
         "controller": config.controller if config.controller or config.target_mi is None else "pid",
         "estimator": config.estimator if config.monitor_on else None,
         "monitor_every": config.monitor_every if config.monitor_on else None,
         **leakage_summary(progress.history, target_mi=config.target_mi),
         "audit_size": run.sizes["audit_size"],
         "audit_examples_read": int(monitor.x.shape[0]) if monitor is not None else 0,
-        "private_metrics_logged": config.log_private_metrics,
+        "private_metrics_logged": config.log_private_metrics or config.non_private,
         "wall_time_s": time.perf_counter() - run.t_start,
         "epoch_times_s": progress.epoch_times,
         "per_epoch": progress.epochs,
@@ -137,6 +156,30 @@ def build_summary(
         },
         "versions": versions(),
     }
+
+
+def outcome_line(summary: Mapping[str, Any]) -> str:
+    """What happened, in one line: σ range, readings over the ceiling, ε guarantee vs odometer, e.g.
+    "σ 0.91–1.73 · 2 of 12 readings over the 0.5-nat ceiling · ε guarantee 3.00 (budget), odometer 2.71 at
+    δ=1e-5" (a non-private run: "non-private SGD · no clipping, no noise · ε = ∞")."""
+    if summary.get("non_private"):
+        return f"non-private SGD · no clipping, no noise · ε = ∞ · {summary['steps']} steps"
+    lo, hi = summary["noise_multiplier_range"]
+    parts = [f"σ {lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"σ {lo:.2f}–{hi:.2f}"]
+    readings, target = summary.get("mi_readings") or 0, summary.get("target_mi")
+    if target is not None:
+        over = summary.get("readings_over_ceiling") or 0
+        parts.append(f"{over} of {readings} readings over the {target:g}-nat ceiling")
+    elif readings:
+        parts.append(f"{readings} readings, MI max {summary['max_mi']:.3f} nats")
+    delta, odometer, guarantee = summary["delta"], summary["odometer_epsilon"], summary["guarantee_epsilon"]
+    if guarantee is not None:
+        parts.append(f"ε guarantee {guarantee:.2f} (budget), odometer {odometer:.2f} at δ={delta:g}")
+    elif target is not None or summary.get("controller") in FEEDBACK_CONTROLLERS:
+        parts.append(f"ε odometer {odometer:.2f} at δ={delta:g} (no budget: not a guarantee)")
+    else:
+        parts.append(f"ε {odometer:.2f} at δ={delta:g}")
+    return " · ".join(parts)
 
 
 def output_paths(run: TrainingRun) -> dict[str, Any]:

@@ -8,8 +8,10 @@ accuracy against ε, the privacy-utility trade-off. The tracker logs what it is 
 holds (the private training-batch metrics only on request) is decided in :mod:`adaptive_dp.training.records`.
 
 W&B is a convenience, never a dependency of the training run: every W&B call is wrapped, a failure is
-logged once per kind (``logging.warning``) and training goes on; the JSONL file and ``summary.json`` are
-written either way.
+logged once per kind (one ``logging.warning`` line) and training goes on; the JSONL file and ``summary.json``
+are written either way. An online ``wandb.init`` gets :data:`WANDB_INIT_TIMEOUT_S` seconds (wandb's own
+``init_timeout`` is 90 s, and with an unusable API key and no network it waits that long); when it fails the
+run continues with an offline W&B run (``wandb sync`` uploads it later), so training never waits longer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from typing import Any
 from adaptive_dp.training.config import WANDB_MODES
 
 logger = logging.getLogger(__name__)
+
+#: seconds an online ``wandb.init`` may take (``wandb.Settings(init_timeout=...)``); with the offline fallback
+#: that follows a failure, W&B holds training up for about 15 s at most.
+WANDB_INIT_TIMEOUT_S = 10.0
+#: longest exception text a W&B warning quotes (its first line only).
+WARNING_TEXT_CHARS = 200
 
 #: record field -> W&B history key. Fields not listed go under ``train/<field>``; keys that already hold a
 #: ``/`` are logged as they are.
@@ -200,15 +208,33 @@ class Tracker:
             self._warn("import", exc)
             return
         self._wandb = wandb
-        self.run = self._call(
-            "init",
-            lambda: wandb.init(
-                dir=str(self.out_dir),
-                project=self.project,
-                name=run_name,
-                config=self.config,
-                mode=self.mode,
-            ),
+        if self.mode != "online":
+            self.run = self._call("init", lambda: self._init(run_name))
+            return
+        try:
+            self.run = self._init(run_name)
+        except Exception as exc:  # noqa: BLE001 - any failure: go on offline
+            self._warned.add("init")
+            logger.warning(
+                "W&B online init failed (%s: %s); continuing with an offline W&B run (upload it later with "
+                "`wandb sync`) — training does not wait for W&B",
+                type(exc).__name__,
+                _first_line(exc),
+            )
+            self.mode = "offline"
+            self.run = self._call("init", lambda: self._init(run_name))
+
+    def _init(self, run_name: str | None) -> Any:
+        """``wandb.init`` in :attr:`mode`; an online init is bounded by :data:`WANDB_INIT_TIMEOUT_S`."""
+        wandb = self._wandb
+        settings = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S) if self.mode == "online" else None
+        return wandb.init(
+            dir=str(self.out_dir),
+            project=self.project,
+            name=run_name,
+            config=self.config,
+            mode=self.mode,
+            settings=settings,
         )
 
     def _warn(self, kind: str, exc: BaseException) -> None:
@@ -218,7 +244,7 @@ class Tracker:
                 "W&B %s failed (training goes on; JSONL is still written): %s: %s",
                 kind,
                 type(exc).__name__,
-                exc,
+                _first_line(exc),
             )
 
     def _call(self, kind: str, fn: Callable[[], Any]) -> Any:
@@ -352,6 +378,12 @@ class Tracker:
         self.finish(exit_code=0 if exc_type is None else 1)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, at most :data:`WARNING_TEXT_CHARS` characters."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text if len(text) <= WARNING_TEXT_CHARS else text[: WARNING_TEXT_CHARS - 1] + "…"
+
+
 def _table_value(value: Any) -> Any:
     """A W&B table cell: numbers as floats (None and non-finite values as None)."""
     if isinstance(value, bool) or value is None:
@@ -367,11 +399,26 @@ def read_history(path: str | os.PathLike, *, torn_tail_ok: bool = False) -> list
     """The step records of a ``history.jsonl`` file, in order.
 
     Args:
-        torn_tail_ok: drop an unreadable LAST line (a crash in the middle of writing it) instead of raising.
+        torn_tail_ok: drop an unreadable LAST line (a crash in the middle of writing it) instead of raising;
+            :func:`read_history_tail` returns that line too.
 
     Raises:
         FileNotFoundError: if the file does not exist.
         json.JSONDecodeError: on an unreadable line (except a torn last one with ``torn_tail_ok``).
+    """
+    records, torn = read_history_tail(path)
+    if torn is not None and not torn_tail_ok:
+        json.loads(torn)  # raises the decoder's error, with its position
+    return records
+
+
+def read_history_tail(path: str | os.PathLike) -> tuple[list[dict[str, Any]], str | None]:
+    """The readable records of a ``history.jsonl`` file and its torn last line (None when the file ends in
+    a complete record): the record a crash interrupted while it was being written.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        json.JSONDecodeError: on an unreadable line before the last one.
     """
     path = Path(path)
     if path.is_dir():
@@ -384,9 +431,8 @@ def read_history(path: str | os.PathLike, *, torn_tail_ok: bool = False) -> list
     try:
         records += [json.loads(line) for line in lines[-1:]]
     except json.JSONDecodeError:
-        if not torn_tail_ok:
-            raise
-    return records
+        return records, lines[-1].rstrip("\n")
+    return records, None
 
 
 def read_wandb_records(path: str | os.PathLike, *, timeout: float = 60.0) -> list[dict[str, Any]]:

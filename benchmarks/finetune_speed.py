@@ -1,0 +1,370 @@
+"""Speed and memory of DP fine-tuning a ViT: opacus' grad-sample modes, and the monitor's Gram path.
+
+Two measurements, on CIFAR-10-shaped inputs (3×32×32, 10 classes; random pixels — the cost does not depend on
+the values), C = 1, σ = 1, one torch thread:
+
+1. **One DP-SGD step** (forward, backward, per-sample clipping, noise, update; fixed batches of ``--batch``)
+   through ``AdaptivePrivacyEngine`` (no monitor: opacus' own step) in each ``grad_sample_mode`` — ``hooks``,
+   ``functorch``, ``ghost`` (fast gradient clipping, two backward passes, no per-sample gradients) — for
+   ``vit-tiny`` and the 4× larger ``vit-small``, full fine-tuning and LoRA (rank 8 on the query/value
+   projections + the head).
+2. **One leakage-monitor reading** (likelihood-ratio estimator, N audit examples): today's path
+   (``LeakageMonitor.read``: materialised [N, P] per-sample gradients by vmap(grad), clipped, centred Gram
+   matrix) against the Gram path (:func:`adaptive_dp.leakage.gram.parameter_grams` → ``clipped_gram`` →
+   ``centre_gram`` → ``estimate_from_gram``: one batched pass, per-layer Gram contributions, never N×P).
+
+Each configuration runs in its own process. Times: median wall and CPU milliseconds after one warm-up (the
+machine is shared: CPU time is the steadier figure). Memory (CPU, no GPU here): the process's peak resident
+memory ``VmHWM`` during one more step/reading minus its resident memory ``VmRSS`` just before it, with
+glibc's mmap threshold lowered to 64 KiB for that measurement (``mallopt``) so freed tensors go back to the
+OS and resident memory tracks live tensors (the timed runs use the default allocator settings).
+
+    python benchmarks/finetune_speed.py --smoke      # vit-tiny, batch 4, N = 4, in one process: the plumbing only
+    python benchmarks/finetune_speed.py --quick      # vit-tiny only, batch 32, N = 32 (≤ 3 min on 2 cores)
+    python benchmarks/finetune_speed.py              # vit-tiny and vit-small, batch 64, N = 64
+
+Writes ``benchmarks/results/finetune_speed.{json,md}``; the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+from _common import markdown_table
+
+NAME = "finetune_speed"
+MODES = ("hooks", "functorch", "ghost")
+PATHS = ("materialised", "gram")
+TUNINGS = ("full", "lora")
+LORA_RANK = 8
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+def _memory_kib() -> tuple[int, int]:
+    status = Path("/proc/self/status").read_text()
+    fields = {
+        line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")
+    }
+    return fields["VmHWM"], fields["VmRSS"]
+
+
+def _peak_extra_mib(run) -> float | None:
+    """Peak resident memory of ``run()`` above the resident memory before it (MiB), None off Linux/glibc."""
+    import ctypes
+    import gc
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        gc.collect()
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+        _, before = _memory_kib()
+    except OSError:
+        run()
+        return None
+    run()
+    peak, _ = _memory_kib()
+    return (peak - before) / 1024
+
+
+def _model(name: str, tuning: str, seed: int):
+    from adaptive_dp.models import build_model
+    from adaptive_dp.models.lora import apply_lora
+
+    model = build_model(name, in_channels=3, num_classes=10, image_size=32, seed=seed)
+    return apply_lora(model, rank=LORA_RANK if tuning == "lora" else 0)
+
+
+def _timed(run, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) ms of ``run()`` over ``repeats`` calls after one warm-up call."""
+    wall, cpu = [], []
+    for _ in range(repeats + 1):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        run()
+        wall.append(1000 * (time.perf_counter() - start))
+        cpu.append(1000 * (time.process_time() - start_cpu))
+    return statistics.median(wall[1:]), statistics.median(cpu[1:])
+
+
+def _step_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
+
+    model = _model(spec["model"], spec["tuning"], spec["seed"])
+    g = torch.Generator().manual_seed(spec["seed"])
+    batch = spec["batch"]
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    out = AdaptivePrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=spec["mode"],
+        poisson_sampling=False,
+    )
+    private, optimizer = out[0], out[1]
+    criterion = out[2] if spec["mode"] == "ghost" else nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        criterion(private(x), y).backward()
+        optimizer.step()
+
+    wall, cpu = _timed(step, spec["repeats"])
+    return {
+        "step_ms": wall,
+        "step_cpu_ms": cpu,
+        "peak_extra_mib": _peak_extra_mib(step),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _reading_fn(spec: dict[str, Any], model, audit):
+    """A function taking one likelihood-ratio reading (σ = 1, C = 1) by the given path; returns the MI."""
+    import torch
+    import torch.nn.functional as F
+
+    from adaptive_dp.leakage.gradients import hook_free_copy
+    from adaptive_dp.leakage.gram import centre_gram, clipped_gram, parameter_grams
+    from adaptive_dp.leakage.likelihood_ratio import LikelihoodRatioEstimator
+    from adaptive_dp.leakage.monitor import LeakageMonitor
+
+    if spec["path"] == "materialised":
+        monitor = LeakageMonitor(model, audit, max_grad_norm=1.0, max_audit=len(audit[0]), seed=spec["seed"])
+        return lambda: monitor.read(noise_multiplier=1.0).mi
+    shadow = hook_free_copy(model)
+    estimator = LikelihoodRatioEstimator()
+    state = {"generator": torch.Generator().manual_seed(spec["seed"])}
+
+    def read() -> float:
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        rest = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+        grams, _ = parameter_grams(shadow, *audit, loss_fn=F.cross_entropy, params=params, buffers=rest)
+        kernel = centre_gram(clipped_gram(grams, 1.0))
+        return estimator.estimate_from_gram(
+            kernel, noise_multiplier=1.0, max_grad_norm=1.0, generator=state["generator"]
+        ).mi
+
+    return read
+
+
+def _reading_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    model = _model(spec["model"], spec["tuning"], spec["seed"]).eval()
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    n = spec["n_audit"]
+    audit = (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    read = _reading_fn(spec, model, audit)
+    first_mi = read()  # the first reading (same seed in both paths: the same noise draws)
+    wall, cpu = _timed(read, spec["repeats"])
+    return {
+        "reading_ms": wall,
+        "reading_cpu_ms": cpu,
+        "peak_extra_mib": _peak_extra_mib(read),
+        "mi": first_mi,
+    }
+
+
+def worker_main(spec: dict[str, Any]) -> None:
+    """Run one configuration (in a fresh process) and print its result as one JSON line."""
+    _common.setup_torch(spec["threads"])
+    print(json.dumps(_run_in_process(spec)))
+
+
+# ---------------------------------------------------------------------------------------------- main side
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    result = _step_worker(spec) if spec["part"] == "step" else _reading_worker(spec)
+    return {**spec, **result}
+
+
+def _specs(args, models: list[str]) -> tuple[list[dict], list[dict]]:
+    base = {"seed": args.seed, "threads": args.threads}
+    steps = [
+        {
+            **base,
+            "part": "step",
+            "model": m,
+            "tuning": t,
+            "mode": mode,
+            "batch": args.batch,
+            "repeats": args.repeats,
+        }
+        for m in models
+        for t in TUNINGS
+        for mode in MODES
+    ]
+    readings = [
+        {
+            **base,
+            "part": "reading",
+            "model": m,
+            "tuning": t,
+            "path": path,
+            "n_audit": args.n_audit,
+            "repeats": args.repeats,
+        }
+        for m in models
+        for t in TUNINGS
+        for path in PATHS
+    ]
+    return steps, readings
+
+
+def _report(payload: dict[str, Any], started: float) -> str:
+    step_rows = [
+        [
+            r["model"],
+            r["tuning"],
+            r["trainable"],
+            r["mode"],
+            r["step_ms"],
+            r["step_cpu_ms"],
+            r["peak_extra_mib"],
+        ]
+        for r in payload["steps"]
+    ]
+    reading_rows = [
+        [
+            r["model"],
+            r["tuning"],
+            r["path"],
+            r["reading_ms"],
+            r["reading_cpu_ms"],
+            r["peak_extra_mib"],
+            r["mi"],
+        ]
+        for r in payload["readings"]
+    ]
+    cfg = payload["config"]
+    return "\n\n".join(
+        [
+            "# DP fine-tuning of a ViT: grad-sample modes and the monitor's Gram path",
+            _common.provenance_block(
+                quick=payload["quick"],
+                smoke=payload["smoke"],
+                started=started,
+                extra={
+                    "Inputs": "CIFAR-10 shape (3×32×32, 10 classes), random pixels (cost does not depend on values)",
+                    "Setting": f"batch {cfg['batch']}, N = {cfg['n_audit']} audit examples, C = 1, σ = 1, LoRA rank "
+                    f"{LORA_RANK} on q_proj/v_proj + head, {cfg['repeats']} timed repeats after 1 warm-up, "
+                    "each configuration in its own process",
+                    "Memory": "VmHWM − VmRSS around one more step/reading (CPU resident memory, MiB), glibc mmap "
+                    "threshold 64 KiB for that measurement",
+                },
+            ),
+            "## One DP-SGD step",
+            markdown_table(
+                [
+                    "model",
+                    "tuning",
+                    "trainable params",
+                    "grad_sample_mode",
+                    "wall ms",
+                    "CPU ms",
+                    "peak extra MiB",
+                ],
+                step_rows,
+            ),
+            "## One likelihood-ratio monitor reading",
+            markdown_table(
+                ["model", "tuning", "path", "wall ms", "CPU ms", "peak extra MiB", "MI (nats)"], reading_rows
+            ),
+            "`materialised` = today's `LeakageMonitor.read` ([N, P] per-sample gradients by vmap(grad)); `gram` = "
+            "`parameter_grams` → `clipped_gram` → `centre_gram` → `estimate_from_gram` (per-layer contributions "
+            "from activations and output gradients of one batched pass). Both draw the same noise from the same "
+            "seed, so their MI columns must agree.",
+        ]
+    )
+
+
+def _headline(payload: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"benchmark": NAME, "quick": payload["quick"], "smoke": payload["smoke"]}
+    for r in payload["steps"]:
+        key = f"{r['model']}/{r['tuning']}/{r['mode']}"
+        out[f"step_ms/{key}"] = round(r["step_ms"], 1)
+        out[f"step_mib/{key}"] = None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
+    for r in payload["readings"]:
+        key = f"{r['model']}/{r['tuning']}/{r['path']}"
+        out[f"reading_ms/{key}"] = round(r["reading_ms"], 1)
+        out[f"reading_mib/{key}"] = None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
+    by_key = {(r["model"], r["tuning"], r["path"]): r["mi"] for r in payload["readings"]}
+    out["max_mi_rel_diff_gram_vs_materialised"] = max(
+        abs(by_key[(m, t, "gram")] - mi) / max(abs(mi), 1e-12)
+        for (m, t, path), mi in by_key.items()
+        if path == "materialised"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 64; --quick 32)")
+    parser.add_argument("--n-audit", type=int, default=None, help="audit examples (default 64; --quick 32)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
+    args = _common.parse_args(parser, argv)
+    if args.worker is not None:
+        worker_main(json.loads(args.worker))
+        return {}
+    _common.setup_torch(args.threads)
+    started = time.time()
+    args.batch = args.batch or (4 if args.smoke else 32 if args.quick else 64)
+    args.n_audit = args.n_audit or (4 if args.smoke else 32 if args.quick else 64)
+    args.repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
+    models = ["vit-tiny"] if args.quick or args.smoke else ["vit-tiny", "vit-small"]
+    step_specs, reading_specs = _specs(args, models)
+    run = _run_in_process if args.smoke else _run_worker  # smoke: the plumbing only, no fresh processes
+    payload = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "smoke": args.smoke,
+        "command": _common.command_line(),
+        "machine": _common.machine_description(),
+        "config": {
+            "batch": args.batch,
+            "n_audit": args.n_audit,
+            "repeats": args.repeats,
+            "lora_rank": LORA_RANK,
+            "models": models,
+            "seed": args.seed,
+        },
+        "steps": [run(s) for s in step_specs],
+        "readings": [run(s) for s in reading_specs],
+    }
+    payload["headline"] = _headline(payload)
+    payload["seconds"] = round(time.time() - started, 1)
+    out_dir = Path(args.out_dir)
+    _common.write_json(out_dir / f"{NAME}.json", payload)
+    _common.write_markdown(out_dir / f"{NAME}.md", _report(payload, started))
+    _common.print_summary(payload["headline"])
+    return payload["headline"]
+
+
+if __name__ == "__main__":
+    main()

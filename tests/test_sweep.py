@@ -1,0 +1,349 @@
+"""``adaptive-dp sweep``: options derived from train's parser, grid and names, the Pareto front, resuming,
+``sweep.yaml``, and one real 2×2 sweep on digits (``--jobs 2``, offline W&B runs in one group)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptive_dp.cli import sweep as sweep_command
+from adaptive_dp.sweep import frontier, runner
+from adaptive_dp.sweep.grid import Grid, run_name
+from adaptive_dp.sweep.options import MANAGED, given_values, train_options, train_parser
+from adaptive_dp.sweep.wandb_outputs import sweep_config, write_sweep_yaml
+
+GRID = ["--target-mi", "0.3", "1.0", "--target-epsilon", "2", "8"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "512",
+    "--monitor-every",
+    "1",
+    "--device",
+    "cpu",
+]
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptive-dp sweep")
+    sweep_command.configure(parser)
+    return parser
+
+
+def grid_of(argv: list[str]) -> Grid:
+    options = train_options()
+    axes, flags, _ = given_values(sweep_parser().parse_args(["--out", "x", *argv]), options)
+    return Grid(axes=axes, flags=flags, options=options)
+
+
+def run_sweep(argv: list[str]) -> tuple[int, str, str]:
+    """``adaptive-dp sweep ARGV`` through the command's parser and run(); returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = sweep_command.run(sweep_parser().parse_args(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count (and keep) the train commands the sweep launches; the real launcher still runs them."""
+    seen: list[list[str]] = []
+    real = runner.launch_train
+
+    def counting(command, *, log, env):
+        seen.append(list(command))
+        return real(command, log=log, env=env)
+
+    monkeypatch.setattr(runner, "launch_train", counting)
+    return seen
+
+
+# -- options and grid ------------------------------------------------------------------------------------------
+def test_sweep_takes_every_train_option_with_several_values():
+    train = {a.dest: a for a in train_parser()._actions if a.option_strings}
+    sweep = {a.dest: a for a in sweep_parser()._actions if a.option_strings}
+    for dest, action in train.items():
+        if dest in MANAGED:
+            continue
+        assert sweep[dest].option_strings == action.option_strings
+        assert sweep[dest].default == action.default
+        if action.nargs == 0:  # a flag stays a flag
+            assert sweep[dest].nargs == 0
+        elif dest in ("wandb_mode", "wandb_project"):  # tracking: one value for the sweep
+            assert sweep[dest].nargs is None
+        else:
+            assert sweep[dest].nargs == "+", dest
+    args = sweep_parser().parse_args(["--out", "x", "--seed", "0", "1", "--controller", "pid", "threshold"])
+    assert args.seed == [0, 1] and args.controller == ["pid", "threshold"]
+    with pytest.raises(SystemExit):  # train's choices still apply to every value
+        sweep_parser().parse_args(["--out", "x", "--controller", "pid", "no-such-controller"])
+
+
+def test_grid_expansion_and_names():
+    grid = grid_of([*GRID, "--controller", "pid", "--seed", "0", "1", "0", "--log-private-metrics"])
+    runs = grid.runs()
+    assert grid.varying == ["seed", "target_epsilon", "target_mi"]  # train's option order, duplicates dropped
+    assert len(runs) == 2 * 2 * 2
+    assert runs[0].name == "seed-0_target-epsilon-2_target-mi-0.3"
+    assert runs[-1].name == "seed-1_target-epsilon-8_target-mi-1"
+    parser = train_parser()
+    expected = set(itertools.product([0, 1], [2.0, 8.0], [0.3, 1.0]))
+    got = set()
+    for run in runs:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", run.name)
+        parsed = parser.parse_args(list(run.argv))  # train itself reads the run's arguments back
+        got.add((parsed.seed, parsed.target_epsilon, parsed.target_mi))
+        assert parsed.controller == "pid" and parsed.log_private_metrics is True
+        assert {k: getattr(parsed, k) for k in run.options} == run.options
+    assert got == expected
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_names_single_point_long_and_clashing():
+    assert [r.name for r in grid_of(["--epochs", "1"]).runs()] == ["run"]
+    long = run_name({"data_dir": "/x" * 100}, ["data_dir"])
+    assert len(long) == 120 and re.fullmatch(r"[A-Za-z0-9._-]+-[0-9a-f]{10}", long)
+    with pytest.raises(ValueError, match="get the run name"):
+        grid_of(["--data-dir", "a/b", "a-b"]).runs()
+
+
+def test_a_bad_grid_point_is_one_clear_error_before_any_run(tmp_path, launches):
+    code, _, err = run_sweep(["--out", str(tmp_path), "--controller", "pid", "linear", *TINY])
+    assert code == 2 and launches == []
+    assert "controller-pid" in err and "--target-mi" in err and len(err.strip().splitlines()) == 1
+
+
+# -- frontier maths --------------------------------------------------------------------------------------------
+def test_pareto_front_of_a_hand_example():
+    points = [(2, 0.80), (2, 0.75), (4, 0.85), (8, 0.84), (8, 0.90), (1, 0.50), (4, 0.85)]
+    # by hand: (1, .50) is the only point at ε 1; (2, .80) beats (2, .75); (4, .85) beats everything below
+    # .85 at larger ε and its copy (index 6) adds nothing; (8, .90) is the most accurate; (8, .84) is dominated
+    assert frontier.pareto_front(points) == [5, 0, 2, 4]
+
+
+def test_pareto_front_matches_the_definition():
+    rng = random.Random(0)
+    for _ in range(50):
+        points = [
+            (rng.choice([1, 2, 4, 8]), rng.choice([0.5, 0.6, 0.7, 0.8])) for _ in range(rng.randint(1, 9))
+        ]
+        front = frontier.pareto_front(points)
+        for i, (e, a) in enumerate(points):
+            dominated = any(
+                (e2 <= e and a2 >= a and (e2, a2) != (e, a)) or ((e2, a2) == (e, a) and j < i)
+                for j, (e2, a2) in enumerate(points)
+            )
+            assert (i in front) is not dominated
+
+
+def test_best_by_budget_respects_the_tolerance():
+    def row(name, eps, mi, acc, over):
+        return {
+            "name": name,
+            "target_epsilon": eps,
+            "target_mi": mi,
+            "test_accuracy": acc,
+            "fraction_over_ceiling": over,
+        }
+
+    rows = [
+        row("a", 2.0, 0.3, 0.70, 0.0),
+        row("b", 2.0, 0.3, 0.75, 0.2),  # more accurate but over its ceiling on 20 % of readings
+        row("c", 2.0, 1.0, 0.72, 0.0),
+        row("d", 8.0, 0.3, 0.90, 0.5),
+        row("e", 8.0, 1.0, 0.88, None),  # a ceiling without readings holds nothing
+    ]
+    strict = frontier.best_by_budget(rows, tolerance=0.1)
+    assert {b: {c: r and r["name"] for c, r in cells.items()} for b, cells in strict.items()} == {
+        2.0: {0.3: "a", 1.0: "c"},
+        8.0: {0.3: None, 1.0: None},
+    }
+    assert frontier.best_by_budget(rows, tolerance=0.25)[2.0][0.3]["name"] == "b"
+
+
+# -- sweep.yaml --------------------------------------------------------------------------------------------------
+def test_sweep_yaml_parses_and_names_only_real_train_options(tmp_path):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    grid = grid_of([*GRID, "--controller", "pid", "--epochs", "1", "--log-private-metrics"])
+    path = write_sweep_yaml(tmp_path / "sweep.yaml", sweep_config(grid, project="p", name="n"))
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert config["method"] == "grid" and config["program"]
+    assert config["command"][-3:] == ["adaptive_dp.cli", "train", "${args_no_boolean_flags}"]
+    parser = train_parser()
+    real = {s for a in parser._actions for s in a.option_strings}
+    assert {f"--{k}" for k in config["parameters"]} <= real
+    # the grid W&B expands, formatted by W&B's own agent code, is the sweep's grid as train parses it
+    params = config["parameters"]
+    keys = list(params)
+    choices = [params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys]
+    agent = []
+    for point in itertools.product(*choices):
+        command = {"args": {k: {"value": v} for k, v in zip(keys, point)}}
+        argv = create_sweep_command_args(command)["args_no_boolean_flags"]
+        agent.append(vars(parser.parse_args(argv)))
+    ours = [vars(parser.parse_args(list(r.argv))) for r in grid.runs()]
+    assert sorted(map(json.dumps, agent)) == sorted(map(json.dumps, ours))
+
+
+# -- resuming ------------------------------------------------------------------------------------------------
+def test_train_command_per_run_state(tmp_path):
+    run = grid_of(GRID).runs()[0]
+    fresh = tmp_path / "fresh"
+    new = runner.train_command(run, path=fresh, state=runner.NEW, shared={"wandb_mode": "offline"})
+    assert new == [
+        sys.executable, "-m", "adaptive_dp.cli", "train", *run.argv,
+        "--out", str(fresh), "--no-progress", "--wandb-mode", "offline",
+    ]  # fmt: skip
+    resumed = runner.train_command(
+        run, path=tmp_path, state=runner.INTERRUPTED, shared={"wandb_mode": "offline"}
+    )
+    parsed = train_parser().parse_args(resumed[4:])
+    assert Path(parsed.resume if isinstance(parsed.resume, str) else parsed.out) == tmp_path
+    assert parsed.target_mi is None and parsed.target_epsilon is None  # the checkpoint's options win
+    assert parsed.wandb_mode == "offline"
+    restarted = runner.train_command(run, path=tmp_path, state=runner.NEW, shared={})
+    has_overwrite = any(a.dest == "overwrite" for a in train_parser()._actions)
+    assert ("--overwrite" in restarted) is has_overwrite  # a partial folder is started again
+
+
+def _fake_summary(target_epsilon: float, target_mi: float) -> dict:
+    return {
+        "config": {"target_epsilon": target_epsilon, "target_mi": target_mi},
+        "test_accuracy": 0.5 + target_epsilon / 100,
+        "guarantee_epsilon": target_epsilon,
+        "odometer_epsilon": target_epsilon * 0.9,
+        "max_mi": target_mi,
+        "mean_mi": target_mi / 2,
+        "fraction_over_ceiling": 0.0,
+        "wall_time_s": 1.0,
+        "delta": 1e-5,
+    }
+
+
+def test_resume_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
+    runs = grid_of(GRID).runs()
+    finished, interrupted = runner.run_dir(tmp_path, runs[0].name), runner.run_dir(tmp_path, runs[1].name)
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps(_fake_summary(2.0, 0.3)))
+    before = (finished / "summary.json").read_bytes()
+    interrupted.mkdir(parents=True)
+    (interrupted / "checkpoint.pt").write_bytes(b"stands for an epoch's checkpoint")
+    commands: list[list[str]] = []
+
+    def fake_train(command, *, log, env):  # writes the summary a real run would
+        commands.append(list(command))
+        assert env["WANDB_RUN_GROUP"] == "g"
+        parsed = train_parser().parse_args(command[4:])
+        out = Path(parsed.resume if isinstance(parsed.resume, str) else parsed.out)
+        name = next(r for r in runs if runner.run_dir(tmp_path, r.name) == out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = _fake_summary(name.options["target_epsilon"], name.options["target_mi"])
+        (out / "summary.json").write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(runner, "launch_train", fake_train)
+    outcomes = runner.run_grid(runs, out=tmp_path, group="g")
+    assert [o.state for o in outcomes] == ["finished", "interrupted", "new", "new"]
+    assert len(commands) == 3  # the finished run is not launched again
+    assert [c for c in commands if "--resume" in c] == [commands[0]] and str(interrupted) in commands[0]
+    assert (finished / "summary.json").read_bytes() == before
+    rows = frontier.read_rows(tmp_path, runs)
+    assert [r["name"] for r in rows] == [r.name for r in runs]
+    commands.clear()
+    runner.run_grid(runs, out=tmp_path, group="g")
+    assert commands == []
+
+
+# -- one real sweep ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory):
+    """A 2×2 digits sweep (1 epoch, 3 steps per run), two runs at once, offline W&B runs."""
+    out = tmp_path_factory.mktemp("sweep")
+    start = time.perf_counter()
+    code, stdout, stderr = run_sweep(
+        ["--out", str(out), *GRID, *TINY, "--jobs", "2", "--wandb-mode", "offline"]
+    )
+    assert code == 0, stderr
+    return out, stdout, time.perf_counter() - start
+
+
+def test_real_sweep_frontier_json_holds_each_runs_results(real_sweep):
+    out, _, _ = real_sweep
+    data = json.loads((out / "frontier.json").read_text())
+    names = [r.name for r in grid_of(GRID).runs()]
+    assert [r["name"] for r in data["runs"]] == names and data["failed"] == []
+    for row in data["runs"]:
+        run = out / "runs" / row["name"]
+        summary = json.loads((run / "summary.json").read_text())
+        for key in frontier.SUMMARY_FIELDS:
+            assert row[key] == summary[key], key
+        # independent of summary.json: the MI readings in the run's own step records
+        readings = [
+            r["mi"]
+            for r in map(json.loads, (run / "history.jsonl").read_text().splitlines())
+            if r.get("mi") is not None
+        ]
+        assert readings and math.isclose(row["max_mi"], max(readings))
+        over = sum(m > row["config"]["target_mi"] for m in readings) / len(readings)
+        assert math.isclose(row["fraction_over_ceiling"], over)
+        assert row["guarantee_epsilon"] <= row["config"]["target_epsilon"] + 1e-6  # the budget held
+        assert row["odometer_epsilon"] <= row["guarantee_epsilon"] + 1e-6
+    points = [(frontier.epsilon_of(r), r["test_accuracy"]) for r in data["runs"]]
+    front = [r["name"] for i, r in enumerate(data["runs"]) if i in frontier.pareto_front(points)]
+    assert data["pareto_front"] == front and front
+
+
+def test_real_sweep_runs_two_at_once_in_one_wandb_group(real_sweep):
+    from PIL import Image
+
+    from adaptive_dp.training.tracking import read_wandb_records
+
+    out, stdout, _ = real_sweep
+    group = json.loads((out / "plan.json").read_text())["group"]
+    first, second = (out / "runs" / n for n in [r.name for r in grid_of(GRID).runs()][:2])
+    started = time.strptime(
+        re.search(r"== (\S+ \S+)", (out / "logs" / f"{second.name}.log").read_text()).group(1),
+        "%Y-%m-%d %H:%M:%S",
+    )
+    assert time.mktime(started) < (first / "summary.json").stat().st_mtime  # --jobs 2: overlapping runs
+    run_record = next(r for r in read_wandb_records(first / "wandb") if r.get("type") == "run")
+    assert run_record["run"]["run_group"] == group
+    records = read_wandb_records(out / "wandb")
+    assert next(r for r in records if r.get("type") == "run")["run"]["run_group"] == group
+    assert any("frontier" in json.dumps(r) for r in records if r.get("type") == "history")
+    assert Image.open(out / "frontier.png").size[0] > 800
+    assert len(re.findall(r"^\[\d/4\] .*(ETA|all runs done)", stdout, re.M)) == 4
+    assert "ε ≤ 2" in stdout and "ε ≤ 8" in stdout and "MI ≤ 0.3" in stdout
+
+
+def test_rerunning_a_finished_sweep_launches_nothing(real_sweep, launches):
+    out, _, _ = real_sweep
+    before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")}
+    rows = json.loads((out / "frontier.json").read_text())["runs"]
+    code, stdout, _ = run_sweep(["--out", str(out), *GRID, *TINY, "--jobs", "2", "--wandb-mode", "disabled"])
+    assert code == 0 and launches == []
+    assert stdout.count("finished before, skipped") == 4
+    assert {p: p.stat().st_mtime for p in before} == before
+    assert json.loads((out / "frontier.json").read_text())["runs"] == rows
+
+
+def test_changing_a_planned_run_is_refused(real_sweep, launches):
+    out, _, _ = real_sweep
+    code, _, err = run_sweep(["--out", str(out), *GRID, *TINY, "--lr", "0.1"])
+    assert code == 2 and launches == [] and "already holds run" in err
