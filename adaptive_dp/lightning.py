@@ -44,12 +44,13 @@ Lightning's fit where each object exists (in this order):
   from an epoch-end checkpoint); ``teardown`` removes opacus' hooks from the module.
 
 Logged after every optimizer step (keys of :data:`adaptive_dp.training.tracking.WANDB_KEYS`):
-``privacy/noise_multiplier``, ``privacy/epsilon`` (odometer), ``privacy/sigma_floor`` and
-``privacy/guarantee_epsilon`` (with a budget), and the latest leakage reading — ``leakage/mi``,
-``leakage/critic_gap``, ``control/error``, ``train/audit_loss`` — until the next one (:func:`step_metrics`);
-``privacy/budget_exhausted`` = 1 at the step after which the budget stopped training. Nothing computed on the
-private batch without noise is logged unless ``log_private_metrics=True`` (``train/loss``, ``train/batch_size``,
-not covered by ε): the batch loss the module logs itself is the user's business.
+``privacy/noise_multiplier``, ``privacy/epsilon`` (odometer), ``privacy/sigma_floor``,
+``privacy/guarantee_epsilon`` (the engine's formal ε, of the kind ``engine.guarantee_kind`` names), and the
+latest leakage reading — ``leakage/mi``, ``leakage/critic_gap``, ``control/error``, ``train/audit_loss`` —
+until the next one (:func:`step_metrics`); ``privacy/budget_exhausted`` = 1 at the step after which the budget
+stopped training. Nothing computed on the private batch without noise is logged unless
+``log_private_metrics=True`` (``train/loss``, ``train/batch_size``, not covered by ε): the batch loss the
+module logs itself is the user's business.
 
 Requires the ``lightning`` extra (``pip install "adaptive-dp[lightning]"``); written against lightning 2.x.
 """
@@ -141,7 +142,7 @@ class AdaptivePrivacyCallback(pl.Callback):
         ValueError: neither or both of ``noise_multiplier`` and ``target_epsilon``; ``target_epsilon`` without
             ``target_delta``; an invalid adaptive option; a ``make_private`` argument the callback sets itself;
             ghost clipping (no per-sample gradients for the monitor, and it needs opacus' criterion in
-            ``training_step``). At fit time: gradient accumulation, not exactly one optimizer, training data
+            ``training_step``); input canaries; an unknown keyword. At fit time: gradient accumulation, not exactly one optimizer, training data
             that are not a ``DataLoader``, a module without ``forward`` while audit data are given, a budget
             without a finite ``max_epochs``.
     """
@@ -182,6 +183,12 @@ class AdaptivePrivacyCallback(pl.Callback):
                 "gradients for the leakage monitor; use grad_sample_mode='hooks' (default)"
             )
         self.options, self.opacus_kwargs = AdaptiveOptions.split(kwargs, adaptive=adaptive)
+        if self.options.canaries and self.options.canary_mode == "input":
+            raise ValueError(
+                "canary_mode='input' puts canaries into the loader make_private returns, which Lightning does not "
+                "train on (the callback builds the Poisson loader before the optimizer exists); use "
+                "canary_mode='gradient'"
+            )
         if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
             raise ValueError(f"epochs must be a positive number, got {epochs!r}")
         self.max_grad_norm = max_grad_norm
@@ -476,7 +483,7 @@ def step_metrics(
             it is logged again, so the latest reading is logged, explicitly, at every step until the next one
             replaces it. A failed reading (``mi`` NaN) logs NaN for every reading field, never the reading before
             it; fields a reading does not have (``controller_error`` without a controller) are left out.
-        guarantee_epsilon: the budget's ε guarantee, logged as ``privacy/guarantee_epsilon``; None without one.
+        guarantee_epsilon: the engine's formal ε guarantee, logged as ``privacy/guarantee_epsilon``; None: none.
 
     Returns:
         key → value (ε at the engine's δ, σ and its floor dimensionless, MI in nats, audit loss in nats for

@@ -399,7 +399,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if isinstance(watched, AbstractGradSampleModule):  # the plain model inside opacus' wrapper (any mode)
             watched = watched._module
         if distributed:
-            watched = ddp.unwrap_distributed(private_module)
+            watched = ddp.unwrap_distributed(watched)
         monitor_options = {"loss_fn": settings.get("criterion"), **options.monitor_options}
         clipping = "per_layer" if settings.get("clipping") == "per_layer" else "flat"
         self._monitor_settings = {"watched": watched, "audit": audit, "clipping": clipping, **monitor_options}

@@ -1,9 +1,13 @@
-"""Smoke tests of the validation benchmarks (benchmarks/leakage_validity.py, benchmarks/policies.py).
+"""Smoke tests of the benchmarks.
 
-They import each script and run its core function on a minimal configuration on scikit-learn's 8×8 digits
-(offline, no data root needed) — NOT the benchmark itself — and check the results against independent
-truths: opacus' own RDP accountant for the rescaled schedules, the Rényi filter's guarantee, and the monotone
-effect of σ on a real attack.
+The contract every ``benchmarks/*.py`` keeps (benchmarks/README.md): a run ends with ONE JSON object as the last
+line of stdout and writes its result files to ``--out-dir``. It is checked on each script's tiniest
+configuration (``--quick --smoke``, seconds; digits or random tensors where no data root is set).
+
+The validation benchmarks (leakage_validity.py, policies.py) are also imported and their core functions run on a
+minimal configuration on scikit-learn's 8×8 digits (offline) and checked against independent truths: opacus'
+own RDP accountant for the rescaled schedules, the Rényi filter's guarantee, and the monotone effect of σ on a
+real attack.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from dataclasses import replace
@@ -138,3 +144,38 @@ def test_policies_core_on_digits():
     assert ceiling["threshold"]["guarantee_epsilon"] is None
     for row in out["budget"] + out["ceiling"]:
         assert 0.0 <= row["accuracy"] <= 1.0 and row["steps"] > 0 and row["readings"] >= 1
+
+
+# ------------------------------------------------------------------------------------ the last-line contract
+
+#: every benchmark script (the shared helpers excepted): each must end its run with one JSON object on stdout
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "_common.py")
+
+
+def test_every_benchmark_is_covered():
+    """The contract below runs each script found; the known ones must be among them (the glob works)."""
+    assert {"accountant.py", "attack_speed.py", "epoch.py", "leakage_validity.py", "monitor_cost.py",
+            "overhead.py", "policies.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_smoke_run_ends_with_one_json_line(script, tmp_path):
+    """``python benchmarks/<script> --quick --smoke`` (the tiniest configuration) exits 0, writes its results
+    to ``--out-dir`` (never to the committed ``benchmarks/results``) and its last stdout line is a JSON object
+    naming the mode it ran in."""
+    def committed() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob(f"{Path(script).stem}.*")}
+
+    before = committed()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--smoke", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert isinstance(summary, dict)
+    assert summary.get("smoke") is True or summary.get("mode") == "smoke", summary
+    assert any(p.suffix == ".json" for p in tmp_path.iterdir()), "no results written to --out-dir"
+    assert committed() == before, "a smoke run touched the committed results"

@@ -278,6 +278,11 @@ def test_fixed_sigma_is_poisson_dp_sgd_and_leaves_no_hooks(tmp_path):
         (dict(max_grad_norm=1.0, noise_multiplier=1.0, noise_generator=torch.Generator()), "seed="),
         (dict(max_grad_norm=1.0, noise_multiplier=1.0, grad_sample_mode="ghost"), "ghost"),
         (dict(max_grad_norm=1.0, noise_multiplier=1.0, target_mi=0.5), "audit"),
+        (dict(max_grad_norm=1.0, noise_multiplier=1.0, target_mii=0.5), "unknown keyword"),
+        (
+            dict(max_grad_norm=1.0, noise_multiplier=1.0, canaries=100, canary_mode="input"),
+            "canary_mode='gradient'",
+        ),
     ],
 )
 def test_bad_settings_are_refused_at_construction(kwargs, match):

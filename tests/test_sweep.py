@@ -279,7 +279,8 @@ def real_sweep(tmp_path_factory):
     code, stdout, stderr = run_sweep(
         ["--out", str(out), *GRID, *TINY, "--jobs", "2", "--wandb-mode", "offline"]
     )
-    assert code == 0, stderr
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((out / "logs").glob("*.log")))
+    assert code == 0, f"{stdout}\n{stderr}\n{logs}"
     return out, stdout, time.perf_counter() - start
 
 

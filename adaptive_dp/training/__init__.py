@@ -1,6 +1,9 @@
-"""Training runs behind ``adaptive-dp train``, one module per stage: ``config`` (TrainConfig), ``setup`` (data,
-optimizer, privacy engine), ``noise`` (the noise generator), ``loop`` (train, resume), ``records`` (what a step
-publishes), ``checkpoint`` (save, load, restore), ``summary``, ``tracking`` (W&B + JSONL) and ``plots``.
+"""Training runs behind ``adaptive-dp train``, one module per stage: ``config`` (TrainConfig), ``plan`` (the
+audit split's and the budget's sanity, checked first), ``rundir`` (one run per folder, its lock, run ids),
+``setup`` (data, optimizer, privacy engine, grad-sample mode), ``noise`` (the noise generator), ``loop`` (train,
+resume), ``records`` (what a step publishes), ``checkpoint`` (save, load), ``restore`` (resume and the lost
+steps it books), ``interrupt`` (Ctrl-C / SIGTERM), ``progress`` (bar or log lines), ``summary``, ``tracking``
+(W&B + JSONL) and ``plots``.
 
 The names below are loaded on first use (PEP 562), so that importing one stage (e.g. ``tracking`` from
 ``adaptive_dp.distributed``) does not import the loop and, through it, the privacy engine.

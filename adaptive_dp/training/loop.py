@@ -6,10 +6,13 @@ step (σ used, ε odometer at δ, and the leakage fields the adaptive engine fil
 epoch, and writes ``history.jsonl``, ``summary.json``, ``tradeoff.png``, ``checkpoint.pt`` and a W&B run
 (offline by default) into the output folder. :func:`resume` continues an interrupted run.
 
-The stages live in their own modules: options (:mod:`~adaptive_dp.training.config`), set-up and the privacy
-engine (:mod:`~adaptive_dp.training.setup`, :mod:`~adaptive_dp.training.noise`), records
-(:mod:`~adaptive_dp.training.records`), checkpoints and resume (:mod:`~adaptive_dp.training.checkpoint`),
-the summary (:mod:`~adaptive_dp.training.summary`), tracking and the figure. By default an audit split (2 % of
+The stages live in their own modules: options (:mod:`~adaptive_dp.training.config`), the plan's sanity
+(:mod:`~adaptive_dp.training.plan`), the run folder and its lock (:mod:`~adaptive_dp.training.rundir`), set-up
+and the privacy engine (:mod:`~adaptive_dp.training.setup`, :mod:`~adaptive_dp.training.noise`), records
+(:mod:`~adaptive_dp.training.records`), checkpoints (:mod:`~adaptive_dp.training.checkpoint`) and resume
+(:mod:`~adaptive_dp.training.restore`), signals (:mod:`~adaptive_dp.training.interrupt`), progress
+(:mod:`~adaptive_dp.training.progress`), the summary (:mod:`~adaptive_dp.training.summary`), tracking and the
+figure. ``non_private`` trains the same model on the same data with the plain optimizer (no engine). By default an audit split (2 % of
 the training set, carved off *before* the private loader is built and never trained on) feeds the leakage
 monitor, so MI (nats) is logged every ``monitor_every`` steps; ``target_mi`` + ``controller`` close the loop
 (σ adapts), ``target_epsilon`` adds a hard budget kept by a Rényi filter (the guarantee). When the budget
@@ -118,47 +121,32 @@ def train(
     _lock: RunLock | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says (DP-SGD, or plain SGD with ``non_private``) and write the run's outputs into
-    ``config.out``.
+    ``config.out`` (see the module doc for what each file holds).
 
-    The audit split (``audit_fraction`` of the training set, seeded by ``seed``) is carved off first; the model
-    is trained on the rest only (q = 1 / ceil(len(rest) / batch_size)). Before anything is built or written the
-    plan is checked (:mod:`adaptive_dp.training.plan`: the audit split leaves enough to train on, the budget's
-    σ is within ``sigma_max``) and the output folder is claimed (:mod:`adaptive_dp.training.rundir`: a folder
-    holding a run is refused unless ``overwrite`` moves it aside; a lock keeps a second run out). Per optimizer
-    step: σ used, ε (odometer at ``delta``), the run id, and the leakage fields (``mi``, ``critic_gap`` and
-    ``audit_loss`` on monitored steps — steps 1, 1 + k, 1 + 2k, ... for ``monitor_every`` = k —,
-    ``sigma_floor`` under a budget, ``controller_error`` with a feedback controller) go to ``history.jsonl``
-    and W&B; the training-batch ``loss`` and ``batch_size`` (not covered by ε) only with
-    ``log_private_metrics`` (and always in a non-private run, which nothing covers). Per epoch: test accuracy.
-    At the end: ``tradeoff.png``, ``checkpoint.pt`` (it carries the engine's adaptive state) and
-    ``summary.json``. The noise of DP-SGD comes from a generator of its own (:mod:`adaptive_dp.training.noise`).
-
-    A hard budget (``target_epsilon``) that cannot pay for another step within ``sigma_max`` stops training
-    early (the budget did its job): the outputs are written as after a full run, with ``stopped_early: true``
-    and ``stop_reason`` in the summary; no exception escapes.
-
-    ``checkpoint.pt`` is also written when training starts and after every epoch (atomically), so a crashed or
-    interrupted run continues from its last finished epoch with :func:`resume` (``adaptive-dp train --resume
-    OUT``). SIGINT (Ctrl-C) and SIGTERM finish the step in flight, write the summary (``interrupted``) and close
-    the W&B run, then raise :class:`~adaptive_dp.training.interrupt.RunInterrupted` (single process only).
+    Before anything is built or written the plan is checked (:mod:`adaptive_dp.training.plan`) and the folder
+    claimed (:mod:`adaptive_dp.training.rundir`: a folder holding a run is refused unless ``overwrite`` moves
+    it aside; a lock keeps a second run out). Per optimizer step a record (σ used, ε odometer at ``delta``, the
+    run id, the monitor's and controller's fields; the training-batch ``loss`` and ``batch_size`` only with
+    ``log_private_metrics`` or ``non_private``) goes to ``history.jsonl`` and W&B; per epoch the test accuracy.
+    A budget that cannot pay for another step stops training early (``stopped_early: true``; no exception).
+    ``checkpoint.pt`` is written at the start and after every epoch (atomically), so :func:`resume` continues a
+    crashed or interrupted run. SIGINT / SIGTERM finish the step in flight, write the summary and close the
+    W&B run, then raise :class:`~adaptive_dp.training.interrupt.RunInterrupted` (single process only).
 
     Args:
         config: the options (validated here).
-        progress: report progress: a tqdm bar per epoch on a terminal, a few lines per epoch otherwise
-            (:mod:`adaptive_dp.training.progress`).
+        progress: report progress: a tqdm bar per epoch on a terminal, a few lines per epoch otherwise.
         overwrite: move a run found in ``config.out`` aside to ``OUT.old-<UTC time>`` instead of refusing.
 
     Returns:
-        The summary (also in ``OUT/summary.json``), see :func:`adaptive_dp.training.summary.build_summary`:
-        ``test_accuracy``, ``epsilon`` (= the odometer; None for a non-private run), ``guarantee_epsilon``,
-        ``noise_multiplier_range``, ``steps``, ``stopped_early``, the leakage summary, ``run_id``, ``outputs``,
-        ...
+        The summary (also ``OUT/summary.json``; :func:`adaptive_dp.training.summary.build_summary`):
+        ``test_accuracy``, ``epsilon`` (the odometer; None for a non-private run), ``guarantee_epsilon``,
+        ``noise_multiplier_range``, ``steps``, ``stopped_early``, the leakage figures, ``run_id``, ``outputs``...
 
     Raises:
-        ValueError: bad options (unknown data set/model/device/controller, ``target_mi`` without the monitor,
-            a budget above ``sigma_max`` or out of reach, an audit split leaving too little ...).
-        adaptive_dp.training.rundir.RunFolderError: (a ValueError) the folder holds a run, is in use by another
-            run, or cannot be written.
+        ValueError: bad options; a budget above ``sigma_max`` or out of reach; an audit split leaving too little
+            (see :mod:`adaptive_dp.training.plan`); ``RunFolderError``: the folder holds a run, is in use, or
+            cannot be written.
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
         RunInterrupted: SIGINT / SIGTERM stopped the run (after writing what it had).
         OSError: a write failed (e.g. a full disk); the previous checkpoint stays intact.
@@ -282,24 +270,31 @@ def _train(
 def _run(run: TrainingRun, *, progress: bool, resume_rng_states: Mapping[str, Any] | None) -> dict[str, Any]:
     """Open the tracker, write the starting checkpoint (fresh runs), run the epochs, finish (or stop on a
     signal); ``resume_rng_states``: the global RNG states of the checkpoint a resumed run continues from."""
-    config, resumed = run.config, resume_rng_states is not None
-    run.tracker = _open_tracker(run, resumed=resumed)
+    resumed = resume_rng_states is not None
     signals = StopSignals() if run.context is None else contextlib.nullcontext()
-    with run.tracker, signals:
-        if resumed:  # last: nothing between here and the first step may draw random numbers
-            set_rng_states(resume_rng_states)
-        elif run.is_main:  # a run stopped in its first epoch can be resumed too
-            save_run_checkpoint(run, resume_fields(run))
-        for epoch in range(len(run.progress.epochs) + 1, config.epochs + 1):
-            if getattr(signals, "received", None):
-                break
-            _run_epoch(run, epoch, show=progress, signals=signals)
-            if run.progress.stop_reason is not None:
-                break
-        run.progress.interrupted = getattr(signals, "received", None)
-        if run.progress.interrupted is not None:
-            _stop_interrupted(run)
-        return _finish_run(run)
+    with signals:  # from here on a signal stops the run after the step in flight (also during W&B's init)
+        run.tracker = _open_tracker(run, resumed=resumed)
+        with run.tracker:
+            return _run_epochs(run, progress=progress, signals=signals, resume_rng_states=resume_rng_states)
+
+
+def _run_epochs(run: TrainingRun, *, progress: bool, signals: Any, resume_rng_states) -> dict[str, Any]:
+    """The epochs of :func:`_run` inside its tracker and signal handling."""
+    config = run.config
+    if resume_rng_states is not None:  # last: nothing between here and the first step may draw random numbers
+        set_rng_states(resume_rng_states)
+    elif run.is_main:  # a run stopped in its first epoch can be resumed too
+        save_run_checkpoint(run, resume_fields(run))
+    for epoch in range(len(run.progress.epochs) + 1, config.epochs + 1):
+        if getattr(signals, "received", None):
+            break
+        _run_epoch(run, epoch, show=progress, signals=signals)
+        if run.progress.stop_reason is not None:
+            break
+    run.progress.interrupted = getattr(signals, "received", None)
+    if run.progress.interrupted is not None:
+        _stop_interrupted(run)
+    return _finish_run(run)
 
 
 def _set_up(config: TrainConfig, data: RunData, *, out: Path, device, context, t_start: float) -> TrainingRun:
