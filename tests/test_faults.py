@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 #: a tiny fixed-σ run: 6 steps per epoch on digits, no monitor (the cheapest real training)
 FAST = ["--dataset", "digits", "--batch-size", "256", "--audit-fraction", "0", "--no-progress", "--wandb-mode",
         "disabled"]  # fmt: skip
-pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Secure RNG turned off", "ignore:Full backward hook is firing", "ignore:Optimal order is the largest alpha"
+)
 
 
 class Crash(Exception):

@@ -1,4 +1,4 @@
-"""Run a grid of ``adaptive-dp train`` runs and chart the ε–MI–accuracy frontier (W&B offline by default).
+"""Run a grid of ``adaptive-dp train`` runs and chart their ε–MI–accuracy frontier.
 
 Every ``train`` option that takes one value may take several (``--target-mi 0.3 1.0 --target-epsilon 2 8
 --controller pid threshold --seed 0 1``); the sweep runs the product grid, each point a normal ``train`` run in
