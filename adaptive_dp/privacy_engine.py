@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from opacus import PrivacyEngine
@@ -35,6 +34,14 @@ from adaptive_dp.accountants.filter import PrivacyBudgetExhausted, RenyiFilter
 from adaptive_dp.accountants.odometer import RenyiOdometer
 from adaptive_dp.control.loop import NoiseControlLoop
 from adaptive_dp.control.options import DEFAULT_MONITOR_EVERY, AdaptiveOptions
+from adaptive_dp.control.plan import (
+    INCREMENTAL_RDP,
+    Budget,
+    Plan,
+    check_plan_fits,
+    data_adaptive,
+    noise_search_accountant,
+)
 from adaptive_dp.leakage.audit import as_audit_dataset, carve_audit_split
 from adaptive_dp.leakage.overlap import check_audit_disjoint
 from adaptive_dp.optimizers import NOISE_IN_BACKWARD, clipping_norm, get_adaptive_optimizer_class
@@ -44,30 +51,12 @@ __all__ = ["AdaptiveOptions", "AdaptivePrivacyEngine", "DEFAULT_MONITOR_EVERY", 
 DEFAULT_SIGMA_MIN = 0.3
 DEFAULT_SIGMA_MAX = 10.0
 DEFAULT_DELTA = 1e-5
-INCREMENTAL_RDP = "rdp_incremental"
 
 # What the engine's accountant names mean: "rdp" is the incremental RDP sum (same ε as opacus' RDP,
 # O(#orders) per step); "prv" and "gdp" stay opacus' own accountants.
 _ACCOUNTANT_ALIASES = {"rdp": INCREMENTAL_RDP}
 # Accountants whose get_epsilon is cheap enough to record the odometer after every step.
 _CHEAP_ACCOUNTANTS = {INCREMENTAL_RDP, "gdp"}
-
-
-@dataclass(frozen=True)
-class _Budget:
-    """A hard (ε, δ) budget over ``epochs`` planned epochs (``make_private_with_epsilon``)."""
-
-    target_epsilon: float
-    target_delta: float
-    epochs: float
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """The initial noise multiplier and the planned optimizer steps (None: not known)."""
-
-    noise_multiplier: float
-    total_steps: int | None
 
 
 class AdaptivePrivacyEngine(PrivacyEngine):
@@ -220,7 +209,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if not epochs or epochs <= 0:
             raise ValueError(f"epochs must be a positive number, got {epochs!r}")
         options, opacus_kwargs = AdaptiveOptions.split(kwargs, adaptive=adaptive)
-        budget = _Budget(float(target_epsilon), float(target_delta), float(epochs))
+        budget = Budget(float(target_epsilon), float(target_delta), float(epochs))
         return self._make_private(
             options, budget, module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
             noise_multiplier=None, max_grad_norm=max_grad_norm, batch_first=batch_first,
@@ -229,7 +218,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             **opacus_kwargs,
         )
 
-    def _make_private(self, options: AdaptiveOptions, budget: _Budget | None, *, data_loader, **opacus_kwargs):
+    def _make_private(self, options: AdaptiveOptions, budget: Budget | None, *, data_loader, **opacus_kwargs):
         """The steps of both ``make_private*``: each ``_prepare_*`` below does one thing."""
         self._prepare_engine(options, budget, opacus_kwargs)
         data_loader, audit = self._prepare_audit(options, data_loader)
@@ -261,7 +250,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         return out
 
     # ------------------------------------------------------------------ the _prepare_* steps
-    def _prepare_engine(self, options: AdaptiveOptions, budget: _Budget | None, opacus_kwargs: dict) -> None:
+    def _prepare_engine(self, options: AdaptiveOptions, budget: Budget | None, opacus_kwargs: dict) -> None:
         """Refuse what breaks the guarantee before anything is built (one engine, one model; Poisson; GDP)."""
         if self.control_loop is not None:
             raise RuntimeError(
@@ -328,14 +317,14 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         )
         self.canary_run.attach(optimizer)
 
-    def _prepare_plan(self, options: AdaptiveOptions, budget: _Budget | None, data_loader: DataLoader,
-                      noise_multiplier: float | None, tolerance: float) -> _Plan:
+    def _prepare_plan(self, options: AdaptiveOptions, budget: Budget | None, data_loader: DataLoader,
+                      noise_multiplier: float | None, tolerance: float) -> Plan:
         """The initial noise multiplier (opacus' ``get_noise_multiplier`` under a budget) and the planned steps."""
         sample_rate = 1 / len(data_loader)
         if budget is None:
             epochs = options.epochs
             steps = int(epochs / sample_rate) if epochs is not None else options.total_steps
-            return _Plan(float(noise_multiplier), steps)
+            return Plan(float(noise_multiplier), steps)
         if len(self.accountant) > 0:
             warnings.warn(
                 "make_private_with_epsilon called with privacy already spent; the budget filter counts only the "
@@ -345,12 +334,12 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             warnings.filterwarnings("ignore", message="Optimal order is the")
             sigma = get_noise_multiplier(
                 target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=sample_rate,
-                epochs=budget.epochs, accountant=_noise_search_accountant(self.accountant.mechanism()),
+                epochs=budget.epochs, accountant=noise_search_accountant(self.accountant.mechanism()),
                 epsilon_tolerance=tolerance,
             )
-        return _Plan(float(sigma), int(budget.epochs / sample_rate))
+        return Plan(float(sigma), int(budget.epochs / sample_rate))
 
-    def _prepare_controller(self, options: AdaptiveOptions, budget: _Budget | None, plan: _Plan,
+    def _prepare_controller(self, options: AdaptiveOptions, budget: Budget | None, plan: Plan,
                             opacus_kwargs: dict) -> Any:
         """Build the controller from its name, or check an instance against the keywords; set the σ bounds."""
         from adaptive_dp.control.build import resolve_controller
@@ -359,6 +348,8 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             options, initial=plan.noise_multiplier, total_steps=plan.total_steps, needs_bounds=budget is not None,
             default_bounds=(DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX),
         )
+        if budget is not None:
+            check_plan_fits(plan, budget, sigma_max=self.sigma_max)
         if opacus_kwargs.get("clipping") == "adaptive" and controller is not None:
             limit = 2 * float(opacus_kwargs.get("unclipped_num_std", math.inf))
             if self.sigma_max >= limit:
@@ -408,7 +399,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             token_encoder=options.token_encoder, seed=options.seed, clipping=clipping, **monitor_options,
         )
 
-    def _prepare_guard(self, options: AdaptiveOptions, plan: _Plan, monitor: Any, controller: Any) -> Any:
+    def _prepare_guard(self, options: AdaptiveOptions, plan: Plan, monitor: Any, controller: Any) -> Any:
         """The blind-meter guard: a learned estimator steering σ is checked against the likelihood-ratio reference."""
         if monitor is None or controller is None or options.estimator == "likelihood-ratio" or not options.meter_guard:
             return None
@@ -424,7 +415,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         )
         return MeterGuard(reference=reference, noise_multiplier=plan.noise_multiplier, target_mi=self.target_mi)
 
-    def _prepare_loop(self, options: AdaptiveOptions, budget: _Budget | None, plan: _Plan, *, controller: Any,
+    def _prepare_loop(self, options: AdaptiveOptions, budget: Budget | None, plan: Plan, *, controller: Any,
                       monitor: Any, distributed: bool, guard: Any) -> NoiseControlLoop:
         """The noise-control loop with its budget filter."""
         budget_filter = None
@@ -442,7 +433,7 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             monitor_every=options.monitor_every, target_delta=delta,
             cheap_epsilon=self.accountant.mechanism() in _CHEAP_ACCOUNTANTS, on_exhausted=self._save_on_exhaustion,
             distributed=distributed, guard=guard, sample_rate=self.sample_rate,
-            odometer=RenyiOdometer() if budget is None and _data_adaptive(controller) else None,
+            odometer=RenyiOdometer() if budget is None and data_adaptive(controller) else None,
         )
 
     def _check_optimizer(self, optimizer: DPOptimizer, controller: Any) -> None:
@@ -591,18 +582,3 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if state is not None and self.control_loop is not None:
             self.load_adaptive_state_dict(state)
         return checkpoint
-
-
-def _data_adaptive(controller: Any) -> bool:
-    """Whether σ may depend on the data (any controller but an open-loop schedule, whose σ is fixed in advance)."""
-    from controllers import Schedule
-
-    return controller is not None and not isinstance(controller, Schedule)
-
-
-def _noise_search_accountant(mechanism: str) -> str:
-    """The accountant opacus' ``get_noise_multiplier`` searches with for this engine's accountant.
-
-    The incremental RDP accountant gives opacus' RDP ε (to ~1e-12) about 8× faster; GDP is refused earlier.
-    """
-    return mechanism if mechanism in (INCREMENTAL_RDP, "prv") else "rdp"

@@ -7,10 +7,10 @@ and times :meth:`adaptive_dp.accountants.filter.RenyiFilter.floor` per call over
     python benchmarks/accountant.py --quick     # ≤ 3 min on 2 cores; opacus RDP timed to 1 000 steps and
                                                 # extrapolated linearly to 5 000 (its cost is O(history))
     python benchmarks/accountant.py             # full mode (≈ 5–20 min): opacus RDP measured at 5 000 steps
-    python benchmarks/accountant.py --smoke     # seconds: ours to 1 000 steps, opacus RDP at 100, no PRV
+    python benchmarks/accountant.py --smoke     # seconds: ours to 300 steps, opacus RDP at 100, no PRV
 
 Writes accountant.{json,md,png} to ``--out-dir`` (default benchmarks/results) and prints one JSON object as the
-last stdout line: ``ours_ms_10000`` (``ours_ms_1000`` in smoke mode), ``speedup_vs_opacus_rdp``,
+last stdout line: ``ours_ms_10000`` (``ours_ms_300`` in smoke mode), ``speedup_vs_opacus_rdp``,
 ``max_rel_diff``, ``floor_ms_median``, ``speedup_measured``.
 """
 
@@ -247,7 +247,7 @@ class Sizes:
 
 
 QUICK = Sizes(rdp=(100, 300, 1000), prv=(100,), grid_ratio=1.05, floor_steps=1000)
-SMOKE = Sizes(ours=(100, 300, 1000), rdp=(100,), prv=(), grid_ratio=1.05, floor_steps=200, ref=1000)
+SMOKE = Sizes(ours=(100, 300), rdp=(100,), prv=(), grid_ratio=1.05, floor_steps=200, ref=300)
 
 
 def summarize(ours: dict, opacus_rdp: list[dict], opacus_prv: list[dict], prv_grid: tuple[float, float],

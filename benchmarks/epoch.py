@@ -1,15 +1,16 @@
 """Epoch-time breakdown: where one CIFAR-10 epoch of DP-SGD goes, beside the non-private floor and plain opacus.
 
 The same model (same initial weights), the same training split (CIFAR-10 JPEG minus the CLI's 2 % audit split)
-and batch size 256 under six set-ups, each a hand-written training loop whose phases are timed:
+and batch size 256 under these set-ups, each a hand-written training loop whose phases are timed:
 
 * ``floor`` — non-private: plain SGD over pre-made batches (tensors stacked once, no data path at all);
 * ``nonprivate`` — non-private: plain SGD over the CLI's shuffled ``DataLoader`` (what ``--non-private`` runs);
-* ``opacus_hooks``, ``opacus_functorch``, ``opacus_ghost`` — ``opacus.PrivacyEngine`` (Poisson sampling,
-  per-sample gradients from backward hooks / ``torch.func`` / ghost clipping, its RDP accountant), σ = 1, C = 1;
-* ``dp_pid`` — ``AdaptivePrivacyEngine`` with the PID controller at 0.5 nats, the likelihood-ratio monitor on
-  the audit split every 10 steps (``--adaptive-mode`` hooks by default), and the CLI's per-step logging
-  (the history record, ``history.jsonl`` and W&B offline, as ``adaptive-dp train`` does).
+* ``opacus_<mode>`` — ``opacus.PrivacyEngine`` (Poisson sampling, its RDP accountant, σ = 1, C = 1) in each
+  ``grad_sample_mode`` of ``--modes`` (default hooks, functorch, ghost: per-sample gradients from backward hooks /
+  ``torch.func``, or ghost clipping's two backward passes);
+* ``dp_pid_<mode>`` — ``AdaptivePrivacyEngine`` with the PID controller at 0.5 nats and the likelihood-ratio
+  monitor on the audit split every 10 steps, in each mode of ``--adaptive-modes`` (default hooks, ghost), with
+  the CLI's per-step logging (the history record, ``history.jsonl`` and W&B offline, as ``adaptive-dp train``).
 
 Phases of a step (process CPU time with one torch thread — the step's own cost on a shared machine — and wall
 time): ``data`` (next batch of the loader: the Poisson sampler and collation), ``forward_backward`` (forward,
@@ -22,10 +23,11 @@ every 10th step) and ``logging``. Derived: per-sample gradients = a set-up's ``f
 floor's (same batch size on average).
 
 Set-ups run in interleaved blocks (round robin, the order rotated each round) so that load drifts hit all alike;
-per-step means are scaled to one epoch (1/q steps). Ratios: ``dp_pid`` (without the logging) over the fastest
-plain-opacus mode (target ≤ 1.1), also paired per round; ``nonprivate`` over ``floor`` (target ≤ 1.5). The full
-mode also times ``adaptive-dp train`` for one epoch (DP + PID, and ``--non-private`` where the CLI has it) from
-its ``summary.json`` (wall time; the CLI process gets ``OMP_NUM_THREADS`` = ``--threads``).
+per-step means are scaled to one epoch (1/q steps). Ratios: the fastest ``dp_pid`` mode (without the logging) over
+the fastest plain-opacus mode (target ≤ 1.1), also paired per round and per mode; ``nonprivate`` over ``floor``
+(target ≤ 1.5). The full mode also times ``adaptive-dp train`` for one epoch (DP + PID in the fastest DP + PID
+mode where the CLI takes ``--grad-sample-mode``, and ``--non-private`` where the CLI has it) from its
+``summary.json`` (wall time; the CLI process gets ``OMP_NUM_THREADS`` = ``--threads``).
 
     python benchmarks/epoch.py --quick     # small-cnn, 40 steps per set-up (≤ 3 min on 2 cores)
     python benchmarks/epoch.py             # small-cnn and tanh-cnn, one epoch per set-up, plus the CLI epochs
@@ -57,7 +59,6 @@ BATCH = 256
 AUDIT_FRACTION = 0.02  # the CLI's default audit split
 MONITOR_EVERY = 10
 TARGET_MI = 0.5
-SETUPS = ("floor", "nonprivate", "opacus_hooks", "opacus_functorch", "opacus_ghost", "dp_pid")
 PHASES = ("data", "forward_backward", "clip", "noise", "clip_noise", "accountant", "booking_update", "update",
           "monitor", "logging")
 TARGETS = {"dp_pid_vs_opacus_fastest": 1.1, "nonprivate_vs_floor": 1.5}
@@ -215,6 +216,7 @@ def _opacus(mode: str, base, train, *, seed: int) -> Setup:
 
 
 def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker) -> Setup:
+    """The adaptive engine (PID, monitor every 10 steps) in ``mode``, its phases cut by the optimizer's hooks."""
     import torch
     from torch import nn
 
@@ -225,12 +227,13 @@ def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker) -> Setup:
     engine = AdaptivePrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():  # "target_mi without a privacy budget": the odometer is all we time
         warnings.simplefilter("ignore", UserWarning)
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=_loader(train, seed=seed), noise_multiplier=1.0,
-            max_grad_norm=1.0, grad_sample_mode=mode, target_mi=TARGET_MI, controller="pid", audit_data=audit,
-            monitor_every=MONITOR_EVERY, seed=seed)
-    setup = Setup("dp_pid", model, optimizer, nn.CrossEntropyLoss(), _cycle(loader), after_step="monitor",
-                  engine=engine)
+        out = engine.make_private(
+            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=_loader(train, seed=seed),
+            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, target_mi=TARGET_MI, controller="pid",
+            audit_data=audit, monitor_every=MONITOR_EVERY, seed=seed)
+    model, optimizer, loader = out[0], out[1], out[-1]
+    criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()
+    setup = Setup(f"dp_pid_{mode}", model, optimizer, criterion, _cycle(loader), after_step="monitor", engine=engine)
     optimizer.attach_pre_noise_hook(lambda _: setup.clock.lap("clip"))
     _time_accountant(optimizer, setup.clock, before="noise")
     optimizer.attach_post_step_hook(lambda _: setup.clock.lap("booking_update"))
@@ -256,19 +259,21 @@ def _cli_logger(engine, optimizer, tracker, *, sample_rate: float):
     return log
 
 
-def build_setups(model_name: str, data, *, seed: int, adaptive_mode: str, steps: int, tracker) -> dict[str, Setup]:
-    """The six set-ups of one model, from the same initial weights."""
+def build_setups(model_name: str, data, *, args, tracker) -> dict[str, Setup]:
+    """The set-ups of one model (see the module doc), from the same initial weights."""
     from adaptive_dp.models import build_model
 
     train, audit, info = data
+    seed = args.seed
     base = build_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
                        image_size=info.image_size, seed=seed)
-    premade = _premade(train, seed=seed, count=min(steps + WARMUP_STEPS, len(train) // BATCH))
+    premade = _premade(train, seed=seed, count=min(args.steps + WARMUP_STEPS, len(train) // BATCH))
     return {
         "floor": _plain("floor", base, premade),
         "nonprivate": _plain("nonprivate", base, _cycle(_loader(train, seed=seed))),
-        **{f"opacus_{m}": _opacus(m, base, train, seed=seed) for m in ("hooks", "functorch", "ghost")},
-        "dp_pid": _dp_pid(base, train, audit, seed=seed, mode=adaptive_mode, tracker=tracker),
+        **{f"opacus_{m}": _opacus(m, base, train, seed=seed) for m in args.modes},
+        **{f"dp_pid_{m}": _dp_pid(base, train, audit, seed=seed, mode=m, tracker=tracker)
+           for m in args.adaptive_modes},
     }
 
 
@@ -314,17 +319,24 @@ def summarize(setup: Setup, *, steps_per_epoch: int) -> dict[str, Any]:
 
 
 def ratios(rows: dict[str, dict]) -> dict[str, Any]:
-    """Headline ratios of one model (CPU time per step)."""
+    """Headline ratios of one model (CPU time per step): DP + PID (its fastest mode, without the logging) over
+    plain opacus' fastest mode, the same per mode, and the non-private loop over the floor."""
     opacus = {k: v for k, v in rows.items() if k.startswith("opacus_")}
+    adaptive = {k: v for k, v in rows.items() if k.startswith("dp_pid_")}
     fastest = min(opacus, key=lambda k: opacus[k]["cpu_ms_per_step"])
-    dp, fast, floor = rows["dp_pid"], opacus[fastest], rows["floor"]
+    dp_fastest = min(adaptive, key=lambda k: adaptive[k]["engine_cpu_ms_per_step"])
+    dp, fast, floor = rows[dp_fastest], opacus[fastest], rows["floor"]
     logging_ms = dp["cpu_ms"].get("logging", 0.0)
     paired = [(d - logging_ms) / f for d, f in zip(dp["block_cpu_ms"], fast["block_cpu_ms"])]
     return {
         "opacus_fastest": fastest,
+        "dp_pid_fastest": dp_fastest,
         "dp_pid_vs_opacus_fastest": dp["engine_cpu_ms_per_step"] / fast["cpu_ms_per_step"],
         "dp_pid_vs_opacus_fastest_paired": statistics.median(paired),
         "dp_pid_logged_vs_opacus_fastest": dp["cpu_ms_per_step"] / fast["cpu_ms_per_step"],
+        "dp_pid_vs_opacus_same_mode": {
+            k: v["engine_cpu_ms_per_step"] / rows[f"opacus_{k[len('dp_pid_'):]}"]["cpu_ms_per_step"]
+            for k, v in adaptive.items() if f"opacus_{k[len('dp_pid_'):]}" in rows},
         "nonprivate_vs_floor": rows["nonprivate"]["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
         "opacus_fastest_vs_floor": fast["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
         "dp_pid_vs_floor": dp["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
@@ -339,9 +351,8 @@ def bench_model(model_name: str, data, *, args, log_dir: Path) -> dict[str, Any]
 
     mode = "disabled" if args.smoke else args.wandb_mode
     with Tracker(log_dir / model_name, config={"benchmark": NAME, "model": model_name}, mode=mode) as tracker:
-        setups = build_setups(model_name, data, seed=args.seed, adaptive_mode=args.adaptive_mode,
-                              steps=args.steps, tracker=tracker)
-        steps_per_epoch = round(1 / setups["dp_pid"].engine.sample_rate)
+        setups = build_setups(model_name, data, args=args, tracker=tracker)
+        steps_per_epoch = round(1 / setups[f"dp_pid_{args.adaptive_modes[0]}"].engine.sample_rate)
         time_setups(setups, steps=args.steps, block=args.block, label=model_name)
     rows = {k: summarize(s, steps_per_epoch=steps_per_epoch) for k, s in setups.items()}
     return {"steps_per_epoch": steps_per_epoch, "steps_timed": args.steps, "setups": rows, **ratios(rows)}
@@ -350,21 +361,25 @@ def bench_model(model_name: str, data, *, args, log_dir: Path) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-def _cli_has(option: str) -> bool:
-    """Whether ``adaptive-dp train`` accepts ``option`` (the flag may not exist yet in this checkout)."""
+def _cli_options() -> str:
+    """``adaptive-dp train --help``: which options this checkout's CLI has (``--non-private`` may be missing)."""
     result = subprocess.run([sys.executable, "-m", "adaptive_dp.cli", "train", "--help"], capture_output=True,
                             text=True, cwd=_common.REPO_ROOT, check=False)
-    return option in result.stdout
+    return result.stdout
 
 
-def time_cli(*, data_dir: str | None, threads: int, seed: int, work: Path) -> dict[str, Any]:
+def time_cli(*, data_dir: str | None, threads: int, seed: int, mode: str, work: Path) -> dict[str, Any]:
     """One epoch of ``adaptive-dp train`` (small CNN, CIFAR-10, batch 256) per set-up: the epoch's wall seconds
-    from ``summary.json`` and the whole process' CPU seconds (start-up, data, test evaluation included)."""
+    from ``summary.json`` and the whole process' CPU seconds (start-up, data, test evaluation included). DP + PID
+    runs in ``mode`` where the CLI takes ``--grad-sample-mode`` (else in its only mode, hooks)."""
     import resource
 
     runs = {"dp_pid": ["--target-mi", str(TARGET_MI), "--controller", "pid", "--monitor-every", str(MONITOR_EVERY)]}
-    out: dict[str, Any] = {}
-    if _cli_has("--non-private"):
+    options = _cli_options()
+    out: dict[str, Any] = {"dp_pid_mode": mode if "--grad-sample-mode" in options else "hooks"}
+    if "--grad-sample-mode" in options:
+        runs["dp_pid"] += ["--grad-sample-mode", mode]
+    if "--non-private" in options:
         runs["nonprivate"] = ["--non-private"]
     else:
         out["nonprivate"] = {"available": False, "note": "this checkout's `adaptive-dp train` has no --non-private"}
@@ -390,8 +405,10 @@ def cli_ratios(cli: dict[str, Any], rows: dict[str, dict]) -> dict[str, Any]:
     def loop_epoch(name: str, steps: int) -> float:
         return rows[name]["wall_ms_per_step"] * steps / 1e3
 
-    out = {"cli_dp_pid_vs_loop_wall": cli["dp_pid"]["epoch_wall_s"] / loop_epoch("dp_pid", cli["dp_pid"]["steps"]),
-           "cli_nonprivate_vs_floor_wall": None}
+    loop = f"dp_pid_{cli['dp_pid_mode']}"
+    out = {"cli_dp_pid_vs_loop_wall": None, "cli_nonprivate_vs_floor_wall": None}
+    if loop in rows:
+        out["cli_dp_pid_vs_loop_wall"] = cli["dp_pid"]["epoch_wall_s"] / loop_epoch(loop, cli["dp_pid"]["steps"])
     if cli["nonprivate"]["available"]:
         run = cli["nonprivate"]
         out["cli_nonprivate_vs_floor_wall"] = run["epoch_wall_s"] / loop_epoch("floor", run["steps"])
@@ -433,12 +450,14 @@ def markdown(payload: dict[str, Any], *, started: float) -> str:
              _common.provenance_block(quick=payload["quick"], smoke=payload["smoke"], started=started, extra=extra),
              "", "Milliseconds per step (CPU) per phase:", ""]
     for name, model in payload["models"].items():
-        dp = model["setups"]["dp_pid"]
+        dp = model["setups"][model["dp_pid_fastest"]]
+        same = ", ".join(f"{k} {v:.3f}" for k, v in model["dp_pid_vs_opacus_same_mode"].items())
         lines += [f"## {name}", "", _breakdown_table(model), "",
-                  f"- DP + PID (without logging) / {model['opacus_fastest']}: "
+                  f"- {model['dp_pid_fastest']} (without logging) / {model['opacus_fastest']}: "
                   f"**{model['dp_pid_vs_opacus_fastest']:.3f}** (paired per round "
                   f"{model['dp_pid_vs_opacus_fastest_paired']:.3f}; with logging "
-                  f"{model['dp_pid_logged_vs_opacus_fastest']:.3f}; target ≤ {TARGETS['dp_pid_vs_opacus_fastest']}).",
+                  f"{model['dp_pid_logged_vs_opacus_fastest']:.3f}; target ≤ {TARGETS['dp_pid_vs_opacus_fastest']}); "
+                  f"DP + PID / opacus in the same mode: {same}.",
                   f"- Non-private loop with the DataLoader / floor: **{model['nonprivate_vs_floor']:.3f}** (target ≤ "
                   f"{TARGETS['nonprivate_vs_floor']}); fastest opacus / floor {model['opacus_fastest_vs_floor']:.2f}; "
                   f"DP + PID / floor {model['dp_pid_vs_floor']:.2f}.",
@@ -448,7 +467,7 @@ def markdown(payload: dict[str, Any], *, started: float) -> str:
     if cli:
         lines += ["## `adaptive-dp train`, one epoch (wall time from summary.json)", ""]
         for name, run in cli.items():
-            if name.endswith("_wall"):
+            if not isinstance(run, dict):
                 continue
             lines.append(f"- {name}: " + (f"`{run['command']}`: {run['epoch_wall_s']:.1f} s for {run['steps']} "
                                           f"steps (whole process {run['process_cpu_s']:.1f} CPU s)"
@@ -467,6 +486,8 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         **{key: max(m[key] for m in models.values()) for key in (
             "dp_pid_vs_opacus_fastest", "dp_pid_vs_opacus_fastest_paired", "nonprivate_vs_floor")},
         "opacus_fastest": {k: m["opacus_fastest"] for k, m in models.items()},
+        "dp_pid_fastest": {k: m["dp_pid_fastest"] for k, m in models.items()},
+        "dp_pid_vs_opacus_same_mode": {k: m["dp_pid_vs_opacus_same_mode"] for k, m in models.items()},
         "epoch_cpu_s": {k: {s: round(r["epoch_cpu_s"], 2) for s, r in m["setups"].items()} for k, m in models.items()},
         "cli_dp_pid_vs_loop_wall": cli.get("cli_dp_pid_vs_loop_wall"),
         "cli_nonprivate_vs_floor_wall": cli.get("cli_nonprivate_vs_floor_wall"),
@@ -481,8 +502,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per set-up (default: one epoch; --quick 40, --smoke 4)")
     parser.add_argument("--block", type=int, default=None, help="steps per interleaved block (default 10)")
-    parser.add_argument("--adaptive-mode", default="hooks", choices=["hooks", "functorch"],
-                        help="grad_sample_mode of the DP + PID set-up (default: hooks)")
+    parser.add_argument("--modes", nargs="+", default=["hooks", "functorch", "ghost"],
+                        choices=["hooks", "functorch", "ew", "ghost"], help="plain opacus' grad_sample_modes")
+    parser.add_argument("--adaptive-modes", nargs="+", default=["hooks", "ghost"],
+                        choices=["hooks", "functorch", "ew", "ghost"], help="the DP + PID set-ups' grad_sample_modes")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "disabled"],
                         help="W&B mode of the DP + PID set-up's logging (the CLI's default: offline)")
     parser.add_argument("--no-cli", action="store_true", help="full mode: skip timing `adaptive-dp train`")
@@ -499,7 +522,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models = {m: bench_model(m, data, args=args, log_dir=Path(tmp)) for m in names}
         cli = None
         if not (args.quick or args.smoke or args.no_cli):
-            cli = time_cli(data_dir=args.data_dir, threads=args.threads, seed=args.seed, work=Path(tmp) / "cli")
+            small = models["small-cnn"]
+            cli = time_cli(data_dir=args.data_dir, threads=args.threads, seed=args.seed, work=Path(tmp) / "cli",
+                           mode=small["dp_pid_fastest"][len("dp_pid_"):])
             cli.update(cli_ratios(cli, models["small-cnn"]["setups"]))
     payload = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "command": _common.command_line(),
                "machine": _common.machine_description(), "data": f"{dataset} training split minus the 2 % audit "

@@ -15,7 +15,8 @@ the values), C = 1, σ = 1, one torch thread:
 
 Each configuration runs in its own process. Times: median wall and CPU milliseconds after one warm-up (the
 machine is shared: CPU time is the steadier figure). Memory (CPU, no GPU here): the process's peak resident
-memory ``VmHWM`` during one more step/reading minus its resident memory ``VmRSS`` just before it, with
+memory ``VmHWM`` during one more step/reading minus its resident memory ``VmRSS`` just before it (no gradients
+held then: the step's per-sample gradients, summed gradients and activations all count), with
 glibc's mmap threshold lowered to 64 KiB for that measurement (``mallopt``) so freed tensors go back to the
 OS and resident memory tracks live tensors (the timed runs use the default allocator settings).
 
@@ -121,11 +122,12 @@ def _step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     criterion = out[2] if spec["mode"] == "ghost" else nn.CrossEntropyLoss()
 
     def step() -> None:
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         criterion(private(x), y).backward()
         optimizer.step()
 
     wall, cpu = _timed(step, spec["repeats"])
+    optimizer.zero_grad(set_to_none=True)  # the last step's per-sample and summed gradients are not "before"
     return {
         "step_ms": wall,
         "step_cpu_ms": cpu,
@@ -274,8 +276,8 @@ def _report(payload: dict[str, Any], started: float) -> str:
                     "Setting": f"batch {cfg['batch']}, N = {cfg['n_audit']} audit examples, C = 1, σ = 1, LoRA rank "
                     f"{LORA_RANK} on q_proj/v_proj + head, {cfg['repeats']} timed repeats after 1 warm-up, "
                     "each configuration in its own process",
-                    "Memory": "VmHWM − VmRSS around one more step/reading (CPU resident memory, MiB), glibc mmap "
-                    "threshold 64 KiB for that measurement",
+                    "Memory": "VmHWM − VmRSS around one more step/reading, started with no gradients held (CPU "
+                    "resident memory, MiB; glibc mmap threshold 64 KiB for that measurement)",
                 },
             ),
             "## One DP-SGD step",

@@ -67,7 +67,8 @@ class ValidityConfig:
         token_encoders: privacy-token encoders of the token-mine meter (empty = skip it).
         token_reads: token-mine readings per σ (the critic warm-starts; the last one is reported).
         dlg_iterations, ig_iterations, dlg_restarts, ig_restarts: reconstruction attack budgets (L-BFGS from a
-            bad start can stall, so DLG gets 2 restarts in full mode; the lowest matching loss wins).
+            bad start can stall, so DLG gets 2 restarts in full mode, each run to the end; the lowest matching
+            loss wins).
         i2f_probes: Hutchinson probes of the expected I²F bound.
         seed: seeds subsets, initialisation and noise.
     """
@@ -286,7 +287,7 @@ def reconstruction(model01, images, labels, *, sigmas, config: ValidityConfig) -
             attempts = {
                 "dlg": lambda r=released: dlg(model01, r, image_shape=shape, max_grad_norm=MAX_GRAD_NORM,
                                               iterations=config.dlg_iterations, restarts=config.dlg_restarts,
-                                              seed=config.seed),
+                                              probe_iterations=config.dlg_iterations, seed=config.seed),
                 "ig": lambda r=released: inverting_gradients(model01, r, image_shape=shape,
                                                              max_grad_norm=MAX_GRAD_NORM,
                                                              iterations=config.ig_iterations,

@@ -57,6 +57,17 @@ def test_dlg_writes_schema_and_figure(tmp_path):
     _check_png(tmp_path / "reconstructions.png", columns=2)
 
 
+def test_dlg_defaults_are_the_librarys(tmp_path):
+    """Without ``--iterations`` / ``--restarts`` the CLI runs DLG with ``adaptive_dp.attacks.dlg``'s defaults
+    (several starts probed, the best-matching one continued), and records them in attack.json."""
+    from adaptive_dp.attacks.inversion import DLG_ITERATIONS, DLG_RESTARTS
+
+    result = _attack(tmp_path, "--method", "dlg", "--n-images", "1", "--noise-multiplier", "0")
+    config = result["config"]
+    assert (config["iterations"], config["restarts"]) == (DLG_ITERATIONS, DLG_RESTARTS)
+    assert result["summary"]["median_psnr"] >= 25.0
+
+
 def test_noisy_ig_reports_i2f(tmp_path):
     result = _attack(
         tmp_path, "--method", "ig", "--n-images", "1", "--iterations", "50", "--noise-multiplier", "0.01"
@@ -126,6 +137,7 @@ def test_attack_a_trained_checkpoint(tmp_path):
         (["--method", "identify", "--n-images", "8", "--candidates", "4"], "--candidates"),
         (["--noise-multiplier", "-1"], "--noise-multiplier"),
         (["--max-grad-norm", "0"], "--max-grad-norm"),
+        (["--restarts", "0"], "--restarts"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):

@@ -150,6 +150,9 @@ def test_policies_core_on_digits():
 
 #: every benchmark script (the shared helpers excepted): each must end its run with one JSON object on stdout
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "_common.py")
+#: the heaviest smoke runs (15–20 CPU s each on one core: model builds, child processes), run with `-m slow`;
+#: their core functions have fast tests above (policies) or elsewhere
+HEAVY = {"finetune_speed.py", "monitor_cost.py", "policies.py"}
 
 
 def test_every_benchmark_is_covered():
@@ -158,7 +161,9 @@ def test_every_benchmark_is_covered():
             "overhead.py", "policies.py"} <= set(SCRIPTS)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.slow) if s in HEAVY else s for s in SCRIPTS]
+)
 def test_quick_smoke_run_ends_with_one_json_line(script, tmp_path):
     """``python benchmarks/<script> --quick --smoke`` (the tiniest configuration) exits 0, writes its results
     to ``--out-dir`` (never to the committed ``benchmarks/results``) and its last stdout line is a JSON object

@@ -6,10 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +16,9 @@ from adaptive_dp.models import build_model
 from adaptive_dp.training.checkpoint import load_checkpoint
 from adaptive_dp.training.progress import LINES_PER_EPOCH, EpochProgress, progress_mode
 from adaptive_dp.training.setup import FASTEST_GRAD_SAMPLE_MODE, resolve_grad_sample_mode
-from adaptive_dp.training.summary import outcome_line
+from adaptive_dp.training.summary import leakage_summary, outcome_line
 from adaptive_dp.training.tracking import read_history
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--dataset",
     "digits",
@@ -151,12 +146,30 @@ def test_outcome_line_says_what_happened():
         "σ 0.91–1.73 · 2 of 12 readings over the 0.5-nat ceiling · ε guarantee 3.00 (budget), odometer 2.71 at "
         "δ=1e-05"
     )
-    no_budget = {**summary, "guarantee_epsilon": None}
-    assert outcome_line(no_budget).endswith("ε odometer 2.71 at δ=1e-05 (no budget: not a guarantee)")
+    odometer = {**summary, "guarantee_epsilon": 2.95, "guarantee_kind": "renyi-odometer"}
+    assert outcome_line(odometer).endswith(
+        "ε guarantee 2.95 (Rényi odometer, no budget), odometer 2.71 at δ=1e-05"
+    )
+    no_guarantee = {**summary, "guarantee_epsilon": None, "guarantee_kind": None}
+    assert outcome_line(no_guarantee).endswith("ε odometer 2.71 at δ=1e-05 (no budget: not a guarantee)")
     fixed = {**summary, "noise_multiplier_range": [1.0, 1.0], "target_mi": None, "controller": None,
-             "guarantee_epsilon": None}  # fmt: skip
-    assert outcome_line(fixed) == "σ 1.00 · 12 readings, MI max 0.700 nats · ε 2.71 at δ=1e-05"
+             "guarantee_epsilon": 2.71, "guarantee_kind": "composition"}  # fmt: skip
+    assert outcome_line(fixed) == (
+        "σ 1.00 · 12 readings, MI max 0.700 nats · ε 2.71 at δ=1e-05 (composition, σ fixed in advance)"
+    )
     assert outcome_line({"non_private": True, "steps": 11}).startswith("non-private SGD")
+    blind = {**summary, "meter_blind_steps": 4}
+    assert " · blind meter held σ up on 4 steps · " in outcome_line(blind)
+
+
+def test_leakage_summary_counts_readings_over_the_ceiling_and_blind_steps():
+    history = [{"mi": 0.7, "meter_blind": False}, {"mi": None}, {"mi": 0.2, "meter_blind": True},
+               {"mi": float("nan"), "meter_blind": True}, {"mi": 0.6}]  # fmt: skip
+    figures = leakage_summary(history, target_mi=0.5)
+    assert (
+        figures["mi_readings"] == 3 and figures["failed_readings"] == 1 and figures["meter_blind_steps"] == 2
+    )
+    assert figures["readings_over_ceiling"] == 2 and figures["fraction_over_ceiling"] == 2 / 3
 
 
 def test_cli_prints_the_outcome_line_first(hooks_and_ghost):
@@ -165,7 +178,11 @@ def test_cli_prints_the_outcome_line_first(hooks_and_ghost):
     assert first == outcome_line(summary)
     readings = [r["mi"] for r in history if r["mi"] is not None]
     assert first.startswith("σ 1.00 · ") and f"{len(readings)} readings" in first
-    assert f"ε {history[-1]['epsilon']:.2f} at δ=1e-05" in first
+    # σ fixed in advance: the accountant's composition is the guarantee
+    assert (
+        summary["guarantee_kind"] == "composition" and summary["guarantee_epsilon"] == history[-1]["epsilon"]
+    )
+    assert first.endswith(f"ε {history[-1]['epsilon']:.2f} at δ=1e-05 (composition, σ fixed in advance)")
 
 
 # --- progress -------------------------------------------------------------------------------------------------------
@@ -183,7 +200,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
         bar.update(loss=2.3, sigma=1.0, epsilon=0.5, mi=0.1)
     bar.close()
     lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue() and len(lines) == LINES_PER_EPOCH + 1 and len(log.getvalue()) < 2000
+    assert "\r" not in log.getvalue() and len(lines) <= LINES_PER_EPOCH + 1 and len(log.getvalue()) < 2000
     assert lines[-1].startswith("epoch 1/1 step 782/782: σ=1.000 ε=0.50 MI=0.100") and "loss" not in lines[-1]
     screen = _Terminal()
     bar = EpochProgress(range(50), epoch=1, epochs=1, show=True, stream=screen)
@@ -194,14 +211,17 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
 
 
 def test_a_run_logged_to_a_file_has_no_carriage_returns(tmp_path):
-    argv = [sys.executable, "-m", "adaptive_dp.cli", "train", *[a for a in TINY if a != "--no-progress"],
-            "--audit-fraction", "0", "--out", str(tmp_path / "run")]  # fmt: skip
-    env = {**os.environ, "WANDB_SILENT": "true"}
-    with open(tmp_path / "stderr.log", "w") as stderr:
-        proc = subprocess.run(
-            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=600
-        )
-    log = (tmp_path / "stderr.log").read_text()
-    assert proc.returncode == 0, log[-2000:]
-    assert "\r" not in log and len(log.encode()) < 10_000
-    assert "epoch 1/1 step 11/11: σ=1.000" in log and "loss=" not in log  # the batch loss is a private metric
+    """``adaptive-dp train ... 2> run.log``: stderr is a file, so progress is a few plain lines, no bar."""
+    argv = [
+        *[a for a in TINY if a != "--no-progress"],
+        "--audit-fraction",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    with open(tmp_path / "run.log", "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+        code = run_cli(argv)
+    text = (tmp_path / "run.log").read_text(encoding="utf-8")
+    assert code == 0 and "\r" not in text and len(text.encode()) < 5_000
+    steps = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    assert f"epoch 1/1 step {steps}/{steps}: σ=1.000" in text and "loss=" not in text  # a private metric

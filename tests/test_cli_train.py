@@ -69,7 +69,10 @@ def test_cli_writes_all_outputs(cli_run):
     readings = [r["mi"] for r in history if r["mi"] is not None]
     assert sum(readings) / len(readings) <= 0.5 + 0.1
     assert summary["mi_readings"] == sum(r["mi"] is not None for r in history) >= 2
-    assert summary["guarantee_epsilon"] is None and summary["odometer_epsilon"] == summary["epsilon"]
+    assert summary["odometer_epsilon"] == summary["epsilon"]
+    # σ fixed in advance: the accountant's composition is the guarantee
+    assert summary["guarantee_kind"] == "composition"
+    assert summary["guarantee_epsilon"] == pytest.approx(summary["odometer_epsilon"], rel=1e-9)
     assert summary["epsilon"] == history[-1]["epsilon"] and summary["delta"] == 1e-5
     assert 0.1 < summary["test_accuracy"] <= 1.0
     assert len(summary["epoch_times_s"]) == 1 and summary["wall_time_s"] > 0

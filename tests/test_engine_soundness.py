@@ -219,3 +219,12 @@ def test_engine_gradient_canaries_power_at_sigma_zero_and_checkpoint_state(tmp_p
     assert state["canaries"] is not None
     with pytest.raises(RuntimeError, match="no canaries"):
         _make_private(DataLoader(_data(), batch_size=16))[0].canary_audit()
+
+
+def test_a_budget_whose_plan_needs_more_noise_than_sigma_max_is_refused_up_front():
+    model, optimizer = _model_and_optimizer()
+    with pytest.raises(ValueError, match=r"needs σ = .* above sigma_max = 2"):
+        AdaptivePrivacyEngine().make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=16), target_epsilon=0.3,
+            target_delta=1e-5, epochs=2, max_grad_norm=1.0, sigma_max=2.0,
+        )

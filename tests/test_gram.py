@@ -65,7 +65,10 @@ def _images(n: int = 6, channels: int = 1, size: int = 8):
 
 CASES = {
     "mlp": lambda: (_mlp(), torch.randn(10, 12), torch.randint(0, 3, (10,))),
-    "cnn": lambda: (build_model("small-cnn", in_channels=1, num_classes=10, image_size=8, seed=0).eval(), *_images()),
+    "cnn": lambda: (
+        build_model("small-cnn", in_channels=1, num_classes=10, image_size=8, seed=0).eval(),
+        *_images(),
+    ),
     "vit": lambda: (_vit(), *_images()),
     "lora-vit": lambda: (_vit(lora=True), *_images()),
 }
@@ -150,7 +153,9 @@ def test_likelihood_ratio_reading_from_the_gram_path_equals_todays_path():
     grads, _ = _materialised(model, x, y)
     estimator = LikelihoodRatioEstimator(noise_draws=8)
     today = estimator.estimate(
-        clip_per_sample([g.double() for g in grads], 1.0), noise_multiplier=0.5, max_grad_norm=1.0,
+        clip_per_sample([g.double() for g in grads], 1.0),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
         generator=torch.Generator().manual_seed(0),
     )
     kernel = centre_gram(clipped_gram(gram_matrix(model, x, y, loss_fn=F.cross_entropy), 1.0))

@@ -50,7 +50,9 @@ def test_registered_vits_shapes_and_sizes(name, channels, size):
 
 def test_vit_small_is_about_four_times_vit_tiny():
     count = {
-        name: sum(p.numel() for p in build_model(name, in_channels=3, num_classes=10, image_size=32).parameters())
+        name: sum(
+            p.numel() for p in build_model(name, in_channels=3, num_classes=10, image_size=32).parameters()
+        )
         for name in ("vit-tiny", "vit-small")
     }
     assert 3.5 < count["vit-small"] / count["vit-tiny"] < 4.5

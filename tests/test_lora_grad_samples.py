@@ -30,7 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:target_mi without a privacy budg
 
 def _lora_vit(seed: int = 0) -> nn.Module:
     """LoRA vit-tiny on 8×8 one-channel images, with B drawn non-zero so every adapter has a gradient."""
-    model = apply_lora(build_model("vit-tiny", in_channels=1, num_classes=10, image_size=8, seed=seed), rank=4)
+    model = apply_lora(
+        build_model("vit-tiny", in_channels=1, num_classes=10, image_size=8, seed=seed), rank=4
+    )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -112,9 +114,16 @@ def _dp_lora_run(mode: str, data) -> dict:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     engine = AdaptivePrivacyEngine()
     out = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x_train, y_train), batch_size=128),
-        noise_multiplier=0.5, max_grad_norm=1.0, grad_sample_mode=mode,
-        audit_data=audit, target_mi=1.0, controller="pid", monitor_every=5,
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(TensorDataset(x_train, y_train), batch_size=128),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+        audit_data=audit,
+        target_mi=1.0,
+        controller="pid",
+        monitor_every=5,
     )
     private, optimizer, loader = out[0], out[1], out[-1]
     criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()
@@ -128,8 +137,12 @@ def _dp_lora_run(mode: str, data) -> dict:
             if done == STEPS:
                 break
     return {
-        "engine": engine, "model": model, "frozen": frozen, "start": start,
-        "start_accuracy": start_accuracy, "accuracy": _accuracy(model, *test),
+        "engine": engine,
+        "model": model,
+        "frozen": frozen,
+        "start": start,
+        "start_accuracy": start_accuracy,
+        "accuracy": _accuracy(model, *test),
     }
 
 
@@ -147,6 +160,8 @@ def test_dp_lora_fine_tuning_improves_accuracy_and_keeps_the_base_bit_identical(
     assert all(torch.equal(params[n], value) for n, value in run["frozen"].items())
     assert all(not torch.equal(params[n], value) for n, value in run["start"].items())
     assert len(run["engine"].history) == STEPS
+    # the monitor reads leakage on what DP-SGD releases: the adapters and the head, nothing frozen
+    assert run["engine"].monitor.layer_shapes == [tuple(params[n].shape) for n in run["start"]]
 
 
 def test_ghost_clipping_trains_with_the_monitor_and_matches_hooks(runs):

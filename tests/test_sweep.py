@@ -9,9 +9,12 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import yaml
 
 from adaptive_dp.cli import sweep as sweep_command
 from adaptive_dp.sweep import frontier, runner
-from adaptive_dp.sweep.grid import Grid, run_name
+from adaptive_dp.sweep.grid import Grid, run_name, validate_runs
 from adaptive_dp.sweep.options import MANAGED, given_values, train_options, train_parser
 from adaptive_dp.sweep.wandb_outputs import sweep_config, write_sweep_yaml
 
@@ -122,6 +125,21 @@ def test_names_single_point_long_and_clashing():
         grid_of(["--data-dir", "a/b", "a-b"]).runs()
 
 
+def test_non_private_reference_runs_drop_the_dp_options():
+    grid = grid_of([*GRID, "--controller", "pid", "--seed", "0", "1", "--epochs", "1"])
+    grid.non_private = True
+    runs = grid.runs()
+    references = [r for r in runs if r.options.get("non_private")]
+    assert [r.name for r in references] == ["non-private_seed-0", "non-private_seed-1"]
+    assert len(runs) == 2 * 2 * 2 + 2
+    parser = train_parser()
+    for run in references:
+        parsed = parser.parse_args(list(run.argv))
+        assert parsed.non_private and parsed.epochs == 1
+        assert parsed.target_mi is None and parsed.target_epsilon is None and parsed.controller is None
+    validate_runs(runs)  # train accepts every run, the references included
+
+
 def test_a_bad_grid_point_is_one_clear_error_before_any_run(tmp_path, launches):
     code, _, err = run_sweep(["--out", str(tmp_path), "--controller", "pid", "linear", *TINY])
     assert code == 2 and launches == []
@@ -167,6 +185,7 @@ def test_best_by_budget_respects_the_tolerance():
         row("c", 2.0, 1.0, 0.72, 0.0),
         row("d", 8.0, 0.3, 0.90, 0.5),
         row("e", 8.0, 1.0, 0.88, None),  # a ceiling without readings holds nothing
+        {**row("f", None, None, 0.99, None), "non_private": True},  # the reference: in no cell
     ]
     strict = frontier.best_by_budget(rows, tolerance=0.1)
     assert {b: {c: r and r["name"] for c, r in cells.items()} for b, cells in strict.items()} == {
@@ -210,19 +229,17 @@ def test_train_command_per_run_state(tmp_path):
         sys.executable, "-m", "adaptive_dp.cli", "train", *run.argv,
         "--out", str(fresh), "--no-progress", "--wandb-mode", "offline",
     ]  # fmt: skip
-    resumed = runner.train_command(
-        run, path=tmp_path, state=runner.INTERRUPTED, shared={"wandb_mode": "offline"}
-    )
-    parsed = train_parser().parse_args(resumed[4:])
-    assert Path(parsed.resume if isinstance(parsed.resume, str) else parsed.out) == tmp_path
+    shared = {"wandb_mode": "offline", "wandb_project": "p", "debug": True}
+    resumed = runner.train_command(run, path=tmp_path, state=runner.INTERRUPTED, shared=shared)
+    parsed = train_parser().parse_args([a for a in resumed[4:] if a != "--debug"])
+    assert Path(parsed.resume) == tmp_path and "--debug" in resumed
     assert parsed.target_mi is None and parsed.target_epsilon is None  # the checkpoint's options win
-    assert parsed.wandb_mode == "offline"
+    assert parsed.wandb_mode == "offline" and parsed.wandb_project == "adaptive-dp"  # only what resume takes
     restarted = runner.train_command(run, path=tmp_path, state=runner.NEW, shared={})
-    has_overwrite = any(a.dest == "overwrite" for a in train_parser()._actions)
-    assert ("--overwrite" in restarted) is has_overwrite  # a partial folder is started again
+    assert restarted[-1] == "--overwrite"  # a partial folder is started again (train moves it aside)
 
 
-def _fake_summary(target_epsilon: float, target_mi: float) -> dict:
+def _fake_summary(target_epsilon: float, target_mi: float, **extra) -> dict:
     return {
         "config": {"target_epsilon": target_epsilon, "target_mi": target_mi},
         "test_accuracy": 0.5 + target_epsilon / 100,
@@ -233,41 +250,92 @@ def _fake_summary(target_epsilon: float, target_mi: float) -> dict:
         "fraction_over_ceiling": 0.0,
         "wall_time_s": 1.0,
         "delta": 1e-5,
+        **extra,
     }
 
 
 def test_resume_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
     runs = grid_of(GRID).runs()
-    finished, interrupted = runner.run_dir(tmp_path, runs[0].name), runner.run_dir(tmp_path, runs[1].name)
+    finished, interrupted, partial = (runner.run_dir(tmp_path, r.name) for r in runs[:3])
     finished.mkdir(parents=True)
     (finished / "summary.json").write_text(json.dumps(_fake_summary(2.0, 0.3)))
     before = (finished / "summary.json").read_bytes()
-    interrupted.mkdir(parents=True)
-    (interrupted / "checkpoint.pt").write_bytes(b"stands for an epoch's checkpoint")
+    interrupted.mkdir(
+        parents=True
+    )  # what train leaves after Ctrl-C: a summary marked interrupted, a checkpoint
+    (interrupted / "checkpoint.pt").write_bytes(b"stands for a checkpoint")
+    (interrupted / "summary.json").write_text(json.dumps(_fake_summary(2.0, 1.0, interrupted="SIGINT")))
+    partial.mkdir(parents=True)  # died before its first checkpoint
+    (partial / "history.jsonl").write_text("")
+    assert [runner.run_state(p) for p in (finished, interrupted, partial)] == [
+        "finished",
+        "interrupted",
+        "new",
+    ]
+    assert [r["name"] for r in frontier.read_rows(tmp_path, runs)] == [runs[0].name]
     commands: list[list[str]] = []
 
     def fake_train(command, *, log, env):  # writes the summary a real run would
         commands.append(list(command))
         assert env["WANDB_RUN_GROUP"] == "g"
-        parsed = train_parser().parse_args(command[4:])
-        out = Path(parsed.resume if isinstance(parsed.resume, str) else parsed.out)
-        name = next(r for r in runs if runner.run_dir(tmp_path, r.name) == out)
+        parsed = train_parser().parse_args([a for a in command[4:] if a != "--overwrite"])
+        out = Path(parsed.resume or parsed.out)
+        run = next(r for r in runs if runner.run_dir(tmp_path, r.name) == out)
         out.mkdir(parents=True, exist_ok=True)
-        summary = _fake_summary(name.options["target_epsilon"], name.options["target_mi"])
+        summary = _fake_summary(run.options["target_epsilon"], run.options["target_mi"])
         (out / "summary.json").write_text(json.dumps(summary))
         return 0
 
     monkeypatch.setattr(runner, "launch_train", fake_train)
     outcomes = runner.run_grid(runs, out=tmp_path, group="g")
-    assert [o.state for o in outcomes] == ["finished", "interrupted", "new", "new"]
+    assert [o.state for o in outcomes] == ["finished", "interrupted", "new", "new"] and all(
+        o.ok for o in outcomes
+    )
     assert len(commands) == 3  # the finished run is not launched again
-    assert [c for c in commands if "--resume" in c] == [commands[0]] and str(interrupted) in commands[0]
+    assert commands[0][4:6] == ["--resume", str(interrupted)]
+    assert "--overwrite" in commands[1] and "--overwrite" not in commands[2]
     assert (finished / "summary.json").read_bytes() == before
-    rows = frontier.read_rows(tmp_path, runs)
-    assert [r["name"] for r in rows] == [r.name for r in runs]
+    assert [r["name"] for r in frontier.read_rows(tmp_path, runs)] == [r.name for r in runs]
     commands.clear()
     runner.run_grid(runs, out=tmp_path, group="g")
     assert commands == []
+
+
+# a stand-in for a train process: on SIGINT it "writes its files" and exits 130, as train does
+_CHILD = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_ctrl_c_is_passed_on_once_and_stops_the_sweep(tmp_path, monkeypatch):
+    runs = grid_of(GRID).runs()
+    monkeypatch.setattr(runner, "train_command", lambda run, **_: [sys.executable, "-c", _CHILD])
+    codes: list[int] = []
+    real = runner.launch_train
+
+    def launch(command, *, log, env):
+        codes.append(real(command, log=log, env=env))
+        return codes[-1]
+
+    monkeypatch.setattr(runner, "launch_train", launch)
+
+    def press_ctrl_c():
+        log = tmp_path / "logs" / f"{runs[0].name}.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (log.is_file() and "ready" in log.read_text().splitlines()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(runner.SweepInterrupted) as caught:
+        runner.run_grid(runs, out=tmp_path, group="g", jobs=1)
+    assert caught.value.exit_code == 130 and time.monotonic() - start < 30
+    assert codes == [130]  # the running child got the signal and ended; no further run started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the sweep's handler is gone
 
 
 # -- one real sweep ----------------------------------------------------------------------------------------------
@@ -348,3 +416,60 @@ def test_changing_a_planned_run_is_refused(real_sweep, launches):
     out, _, _ = real_sweep
     code, _, err = run_sweep(["--out", str(out), *GRID, *TINY, "--lr", "0.1"])
     assert code == 2 and launches == [] and "already holds run" in err
+
+
+def test_the_non_private_reference_is_off_the_front():
+    rows = [
+        {"name": "a", "guarantee_epsilon": 2.0, "odometer_epsilon": 1.5, "test_accuracy": 0.8},
+        {"name": "b", "guarantee_epsilon": 8.0, "odometer_epsilon": 7.0, "test_accuracy": 0.9},
+        {
+            "name": "ref",
+            "guarantee_epsilon": None,
+            "odometer_epsilon": None,
+            "test_accuracy": 0.95,
+            "non_private": True,
+        },
+    ]
+    assert [r["on_front"] for r in frontier.mark_front(rows)] == [True, True, False]
+    assert frontier.epsilon_of(rows[2]) == math.inf
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_sweep_then_resume(tmp_path):
+    """SIGINT to `adaptive-dp sweep`: the run in flight writes its files (exit 130); the same command again
+    resumes it with `train --resume` and adds the non-private reference."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "adaptive_dp.cli", "sweep", "--out", str(tmp_path), "--target-mi", "0.3"]
+    argv += [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+        "--wandb-mode",
+        "disabled",
+        "--non-private",
+    ]
+    sweep = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    history = tmp_path / "runs" / "run" / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+        history.is_file() and len(history.read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    output = sweep.communicate(timeout=300)[0]
+    assert sweep.returncode == 130, output
+    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT" and not (tmp_path / "runs" / "non-private").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "--resume" in (tmp_path / "logs" / "run.log").read_text().split("\n==")[-1].splitlines()[0]
+    rows = json.loads((tmp_path / "frontier.json").read_text())["runs"]
+    assert [(r["name"], r["non_private"], r["on_front"]) for r in rows] == [
+        ("run", False, True),
+        ("non-private", True, False),
+    ]
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["resumed_at_step"] is not None

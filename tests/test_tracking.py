@@ -13,6 +13,7 @@ from adaptive_dp.training.plots import plot_tradeoff
 from adaptive_dp.training.tracking import (
     Tracker,
     read_history,
+    read_history_tail,
     read_wandb_records,
     resolve_wandb_mode,
     wandb_history,
@@ -178,3 +179,13 @@ def test_read_history_drops_only_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n', encoding="utf-8")  # damage before the end is an error
     with pytest.raises(json.JSONDecodeError):
         read_history(path, torn_tail_ok=True)
+
+
+def test_read_history_tail_returns_the_torn_line(tmp_path):
+    """The record a crash cut short is handed back (resume charges its step), the complete ones parsed."""
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "noise_multiplier": 1.5, "eps', encoding="utf-8")
+    records, torn = read_history_tail(path)
+    assert [r["step"] for r in records] == [1] and torn == '{"step": 2, "noise_multiplier": 1.5, "eps'
+    path.write_text('{"step": 1}\n{"step": 2}\n', encoding="utf-8")
+    assert read_history_tail(path) == ([{"step": 1}, {"step": 2}], None)

@@ -1,7 +1,8 @@
 """The ``adaptive-dp`` console script: a thin dispatcher over the command modules in this package.
 
 ``adaptive-dp train ...`` trains with DP-SGD on real data and tracks ε, σ and MI;
-``adaptive-dp attack ...`` runs gradient-inversion / identification attacks. ``adaptive-dp CMD --help``
+``adaptive-dp attack ...`` runs gradient-inversion / identification attacks; ``adaptive-dp sweep ...`` runs a
+grid of ``train`` runs. ``adaptive-dp CMD --help``
 lists each command's options. Also runnable as ``python -m adaptive_dp.cli`` (e.g. under ``torchrun``).
 Building the parser imports only the standard library, so ``adaptive-dp --help`` answers at once; option
 values that name registered things (``--model``, ``--dataset``) are checked against the registries
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "adaptive_dp.cli.attack",
         "attack the gradients DP-SGD releases (DLG, iDLG, IG, identification)",
     ),
+    "sweep": ("adaptive_dp.cli.sweep", "run a grid of train runs and chart their ε–MI–accuracy frontier"),
 }
 
 
@@ -45,8 +47,8 @@ _OS_FIXES = {
     errno.ENOSPC: "free some space on that disk",
     errno.EDQUOT: "free some space (disk quota exceeded)",
     errno.EROFS: "write to a folder on a writable file system (--out)",
-    errno.EACCES: "choose a folder you can write to, or fix its permissions",
-    errno.EPERM: "choose a folder you can write to, or fix its permissions",
+    errno.EACCES: "check that path's permissions (or choose another --out)",
+    errno.EPERM: "check that path's permissions (or choose another --out)",
 }
 
 
@@ -114,11 +116,11 @@ def report_failure(command: str, exc: BaseException, *, debug: bool = False) -> 
         notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
         print(f"adaptive-dp{' ' + command if command else ''}: interrupted{notes}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    print(f"adaptive-dp {command}: error: {failure_message(exc)}", file=sys.stderr)
-    if isinstance(exc, USAGE_ERRORS):
-        return 2
-    print(f"adaptive-dp {command}: run again with --debug for the traceback", file=sys.stderr)
-    return 1
+    line = failure_message(exc)
+    if not isinstance(exc, (OSError, *USAGE_ERRORS)):  # a fault nobody foresaw: the traceback may help
+        line += "; run again with --debug for the traceback"
+    print(f"adaptive-dp {command}: error: {line}", file=sys.stderr)
+    return 2 if isinstance(exc, USAGE_ERRORS) else 1
 
 
 #: marks an option not given on the command line (see :func:`parse_with_given`).

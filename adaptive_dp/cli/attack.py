@@ -14,9 +14,8 @@ candidates).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from adaptive_dp.cli import RegistryChoices
+from adaptive_dp.cli import RegistryChoices, report_failure
 
 METHODS = ("dlg", "idlg", "ig", "identify")
 #: default iterations per method: DLG/iDLG 2000 L-BFGS iterations (``attacks.DLG_ITERATIONS``; Zhu et al.'s code
@@ -378,12 +377,12 @@ def attack(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Attack; print the summary and where the results went. Returns 0, or 2 with one error line for bad input."""
+    """Attack; print the summary and where the results went. Returns 0, or 2 with one error line for bad input
+    (a damaged checkpoint included); ``--debug`` shows the traceback instead."""
     try:
         result = attack(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"adaptive-dp attack: error: {exc}", file=sys.stderr)
-        return 2
+        return report_failure("attack", exc, debug=getattr(args, "debug", False))
     config, summary = result["config"], result["summary"]
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()]
     print(

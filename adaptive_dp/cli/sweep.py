@@ -14,8 +14,11 @@ its own process (one at a time; ``--jobs N`` runs N at once) under ``--out DIR``
 
 Run the same command again to resume: finished runs are skipped, runs interrupted after an epoch continue
 with ``train --resume``, runs interrupted before their first checkpoint start again; a finished run's results
-are never rewritten. Exits 0 when every run has its results, 1 when some failed (their logs say why; the others'
-results are written), 2 with one error line for bad input (every grid point is checked before any run starts).
+are never rewritten. Ctrl-C (or SIGTERM) is passed on once to the runs in flight, which finish their step, write
+their files and resume next time. ``--non-private`` adds ``train --non-private`` runs (ε = ∞) as the reference.
+Exits 0 when every run has its results, 1 when some failed (their logs say why; the others' results are
+written), 2 with one error line for bad input (every grid point is checked before any run starts), 130 / 143
+after Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--wandb-group",
         default=None,
         help="W&B group of the sweep's runs (default: sweep-<DIR name>-<start time>, kept on resume)",
+    )
+    sweep.add_argument(
+        "--non-private",
+        action="store_true",
+        help="also run `train --non-private` (ε = ∞; the grid's non-DP options only) as the reference row "
+        "of the frontier",
     )
     add_train_options(parser)
 
@@ -84,7 +93,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Grid, list[GridRun], dict[str, A
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     options = train_options()
     axes, flags, shared = given_values(args, options)
-    grid = Grid(axes=axes, flags=flags, options=options)
+    if getattr(args, "debug", False):  # the dispatcher's --debug: tracebacks in the runs' logs too
+        shared["debug"] = True
+    grid = Grid(axes=axes, flags=flags, options=options, non_private=args.non_private)
     runs = grid.runs()
     validate_runs(runs)
     out = Path(args.out)
@@ -92,7 +103,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Grid, list[GridRun], dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
     project = shared.get("wandb_project", options["wandb_project"].default)
-    write_sweep_yaml(out / "sweep.yaml", sweep_config(grid, project=project, name=plan["group"]))
+    notes = ["the non-private reference run is not part of this grid: `adaptive-dp train --non-private ...`"]
+    config = sweep_config(grid, project=project, name=plan["group"])
+    write_sweep_yaml(out / "sweep.yaml", config, notes=notes if grid.non_private else ())
     return grid, runs, shared, plan
 
 
@@ -119,21 +132,29 @@ def _execute(args: argparse.Namespace, runs: list[GridRun], shared: dict, plan: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep; print progress, the frontier and the best run per budget. Returns 0, 1 or 2 (see above)."""
+    """Run the sweep; print progress, the frontier and the best run per budget.
+
+    Returns:
+        0 when every run has its results; 1 when some failed; 2 for bad input (one error line); 130 / 143 when
+        stopped by Ctrl-C / SIGTERM (the runs in flight write their files and resume on the next invocation).
+    """
+    from adaptive_dp.cli import report_failure
+    from adaptive_dp.sweep.runner import SweepInterrupted
+
     try:
         grid, runs, shared, plan = _prepare(args)
     except ValueError as exc:
-        print(f"adaptive-dp sweep: error: {exc}", file=sys.stderr)
-        return 2
+        return report_failure("sweep", exc, debug=getattr(args, "debug", False))
     extra = {"group": plan["group"], "axes": grid.axes, "ceiling_tolerance": args.ceiling_tolerance}
     try:
         outcomes = _execute(args, runs, shared, plan, extra)
-    except KeyboardInterrupt:
+    except SweepInterrupted as exc:
         print(
-            "\nsweep interrupted: finished runs are kept; run the same command again to resume",
+            f"\nsweep {exc}: the runs in flight wrote their files, finished runs are kept "
+            f"({args.out}/frontier.json); run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return exc.exit_code
     failed = [
         {"name": o.run.name, "returncode": o.returncode, "log": str(o.log)} for o in outcomes if not o.ok
     ]
@@ -154,8 +175,8 @@ def _finish(args: argparse.Namespace, grid: Grid, runs: list[GridRun], shared: d
     write_frontier(out / "frontier.json", rows, **extra)
     for failure in extra["failed"]:
         print(f"FAILED: {failure['name']} (exit {failure['returncode']}; log {failure['log']})")
-    if not rows:
-        print("no run finished: no frontier to draw")
+    if not any(not r["non_private"] and r["test_accuracy"] is not None for r in rows):
+        print("no private run finished with a test accuracy: no frontier to draw")
         return
     image = plot_frontier(rows, out / "frontier.png", title=f"{extra['group']}: ε–MI–accuracy frontier")
     project = shared.get("wandb_project", grid.options["wandb_project"].default)

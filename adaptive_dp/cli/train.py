@@ -14,7 +14,10 @@ plain lines per epoch). ``--non-private`` trains the same model on the same data
 By default 2 % of the training set is held out as the audit split (never trained on) and the leakage monitor
 reads MI every 10 steps; ``--target-mi`` with ``--controller`` adapts σ, ``--target-epsilon`` adds a hard
 budget (Rényi filter). If the budget cannot pay for another step, training stops early, writes all outputs
-(``stopped_early: true`` in the summary) and exits 0: the budget did its job.
+(``stopped_early: true`` in the summary) and exits 0: the budget did its job. ``--canaries M`` audits the run
+with M canaries (one run, Steinke et al. 2023): ``canary_audit.json``, ``canary_audit.png`` and
+``empirical_epsilon`` (ε̂, a lower bound on ε) in ``summary.json``; ``--noise-multiplier 0`` with
+``--audit-fraction 0`` is the check that the audit has power (ε = ∞, so ε̂ should be large).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import warnings
 
 # stdlib + the torch-free controllers registry at import time: --help stays fast
 from adaptive_dp.training.config import (
+    CANARY_KINDS,
+    CANARY_MODES,
     CONTROLLER_NAMES,
     DEVICES,
     DP_ONLY_OPTIONS,
@@ -157,12 +162,38 @@ def _add_privacy_options(parser: argparse.ArgumentParser, d: dict) -> None:
     privacy.add_argument(
         "--delta", type=float, default=d["delta"], help="δ of every ε (default: %(default)s)"
     )
+    _add_canary_options(privacy, d)
     privacy.add_argument(
         "--log-private-metrics",
         action="store_true",
         help="also publish the training-batch loss and Poisson batch size per step (history.jsonl, "
         "W&B, summary): computed on private batches without noise, they are NOT covered "
         "by ε; off by default (summary.json: private_metrics_logged)",
+    )
+
+
+def _add_canary_options(privacy, d: dict) -> None:
+    privacy.add_argument(
+        "--canaries",
+        type=int,
+        default=d["canaries"],
+        metavar="M",
+        help="audit the run with M canaries (one-run audit, Steinke et al. 2023): at the end OUT/canary_audit.json "
+        "and canary_audit.png, and empirical_epsilon (ε̂, a 95 %%-confidence lower bound on ε at --delta) in "
+        "summary.json; 0 = none (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--canary-mode",
+        choices=CANARY_MODES,
+        default=d["canary_mode"],
+        help="gradient: white-box canary gradients of norm C added before the noise (needs --optimizer sgd); "
+        "input: mislabelled training examples scored by their loss under the final model (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--canary-kind",
+        choices=CANARY_KINDS,
+        default=d["canary_kind"],
+        help="gradient canaries' directions: dirac (one coordinate each) or random (default: %(default)s)",
     )
 
 
@@ -385,9 +416,10 @@ def _report(summary: dict) -> None:
         f"test accuracy {summary['test_accuracy']:.4f}, {epsilon}; {summary['steps']} steps, "
         f"{summary['wall_time_s']:.1f} s"
     )
-    if summary["guarantee_epsilon"] is not None:
+    if summary["guarantee_epsilon"] is not None and summary.get("guarantee_kind") != "composition":
         print(
-            f"guarantee: ε = {summary['guarantee_epsilon']:.3f} at δ = {summary['delta']:g} (Rényi filter budget)"
+            f"guarantee: ε = {summary['guarantee_epsilon']:.3f} at δ = {summary['delta']:g} "
+            f"({summary.get('guarantee_kind') or 'renyi-filter'})"
         )
     if summary["mi_readings"]:
         print(
@@ -402,11 +434,16 @@ def _report(summary: dict) -> None:
         print(
             f"stopped early (privacy budget exhausted; the model trained so far is saved): {summary['stop_reason']}"
         )
+    if summary.get("empirical_epsilon") is not None:
+        print(
+            f"canary audit: empirical ε ≥ {summary['empirical_epsilon']:.3f} at δ = {summary['delta']:g} "
+            f"(95 % confidence, {summary['canaries']} canaries)"
+        )
     _report_history(summary)
     print(f"results in {outputs['dir']}/")
-    for key in ("history", "summary", "tradeoff", "checkpoint", "wandb"):
+    for key in ("history", "summary", "tradeoff", "checkpoint", "canary_audit", "canary_plot", "wandb"):
         if outputs.get(key):
-            print(f"  {key:<10} {outputs[key]}")
+            print(f"  {key:<12} {outputs[key]}")
     if summary["wandb"]["mode"] == "offline" and outputs.get("wandb"):
         print(f"  upload the W&B run with: wandb sync {outputs['wandb']}")
 

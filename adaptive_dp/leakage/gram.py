@@ -14,7 +14,9 @@ the identity ghost clipping uses for the norms (Li et al. 2022, "Large Language 
 Differentially Private Learners", Sec. 4; Bu et al. 2023, "Differentially Private Optimization on Large Model
 at Small Cost", book-keeping). One batched forward and backward pass over the N audit examples records each
 layer's activations A [N, T, d_in] and output gradients B [N, T, d_out] with module hooks, and each layer's
-contribution is computed as soon as its output gradient arrives, then dropped:
+contribution is computed as soon as its output gradient arrives, then dropped. The backward pass computes
+output gradients only, no weight gradients: each hooked layer's output gets a scalar zero "probe" added (same
+values) and the pass differentiates with respect to the probes, not the parameters.
 
 - ``"ghost"``: the identity above, O(N² T² (d_in + d_out)) time, O(N T²) memory per row of G;
 - ``"per-layer"``: that layer's per-sample gradients B_iᵀ A_i [N, d_out, d_in], then their Gram matrix,
@@ -48,7 +50,7 @@ __all__ = ["LAYER_MODES", "centre_gram", "clipped_gram", "gram_matrix", "paramet
 #: How a linear or convolutional layer's contribution is computed: ``"auto"``, ``"ghost"``, ``"per-layer"``.
 LAYER_MODES = ("auto", "ghost", "per-layer")
 
-#: Elements of one [rows, N, T, T] block of the ghost identity (bounds its memory: 2 blocks in float64).
+#: Elements of one [rows, N, T, T] block of the ghost identity (bounds its memory: 2 such blocks at a time).
 GHOST_BLOCK_ELEMENTS = 1 << 22
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -98,19 +100,18 @@ def _use_ghost(mode: str, n: int, t: int, d_in: int, d_out: int) -> bool:
 def _ghost_gram(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """Σ_{t,s} (a_{i,t}·a_{j,s})(b_{i,t}·b_{j,s}) for all i, j, in row blocks; a [N, T, d_in], b [N, T, d_out]."""
     n, t = a.shape[:2]
-    a, b = a.to(dtype), b.to(dtype)
     rows = max(1, GHOST_BLOCK_ELEMENTS // max(1, n * t * t))
     blocks = []
     for start in range(0, n, rows):
         aa = torch.einsum("itd,jsd->ijts", a[start : start + rows], a)
         bb = torch.einsum("itd,jsd->ijts", b[start : start + rows], b)
-        blocks.append(aa.mul_(bb).sum(dim=(2, 3)))
+        blocks.append(aa.mul_(bb).sum(dim=(2, 3), dtype=dtype))
     return torch.cat(blocks)
 
 
 def _flat_gram(g: Tensor, dtype: torch.dtype) -> Tensor:
-    flat = g.reshape(g.shape[0], -1).to(dtype)
-    return flat @ flat.T
+    flat = g.reshape(g.shape[0], -1)
+    return (flat @ flat.T).to(dtype)
 
 
 class _GramRecorder:
@@ -137,6 +138,7 @@ class _GramRecorder:
             }
             if names:
                 self.sites.append(_Site(module, prefix, names, _kind(module)))
+        self.probes: dict[int, Tensor] = {}  # site → scalar zero added to its outputs (see parameter_grams)
         self.recording = True
 
     def install(self) -> list[Any]:
@@ -147,9 +149,9 @@ class _GramRecorder:
         ]
 
     def _forward_hook(self, site: _Site) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
             if not self.recording or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, Tensor):
                 raise ValueError(
                     f"gram_matrix: module {site.prefix or '<root>'} ({type(module).__name__}) holds parameters and "
@@ -164,11 +166,14 @@ class _GramRecorder:
                     f"gram_matrix: module {site.prefix or '<root>'} does not see the batch of {self.n} examples in "
                     "dimension 0 (inputs and outputs must be batch-first)"
                 )
-            if not output.requires_grad:
-                return
+            probe = self.probes.setdefault(
+                id(site), torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            )
+            output = output + probe  # the same values, now on the backward path to the probe
             index = len(site.calls)
             site.calls.append((args, kwargs))
             output.register_hook(lambda grad: self._on_grad(site, index, grad))
+            return output
 
         return hook
 
@@ -194,8 +199,10 @@ class _GramRecorder:
 
     def _add_linear(self, site: _Site, calls: list) -> None:
         rows = [_rows(site, args[0].detach(), grad) for (args, _), grad in calls]
-        a = torch.cat([r[0] for r in rows], dim=1)  # a layer called several times: positions of all calls
-        b = torch.cat([r[1] for r in rows], dim=1)
+        if len(rows) == 1:
+            a, b = rows[0]
+        else:  # a layer called several times: the positions of all its calls
+            a, b = torch.cat([r[0] for r in rows], dim=1), torch.cat([r[1] for r in rows], dim=1)
         if "weight" in site.names:
             n, t, d_in = a.shape
             if _use_ghost(self.layer_mode, n, t, d_in, b.shape[2]):
@@ -328,7 +335,9 @@ def parameter_grams(
         buffers: name → tensor overriding any other state entry of ``model`` (frozen parameters, buffers).
         layer_mode: :data:`LAYER_MODES` — ``"auto"`` (cheaper per layer), ``"ghost"`` or ``"per-layer"``; all
             give the same matrix up to rounding.
-        dtype: dtype of the products and of the result (float64 default; float32 where float64 is missing).
+        dtype: dtype of the result and of the sums over positions, layers and parameters (float64 default;
+            float32 where float64 is missing); the products themselves are in the model's dtype, as in
+            today's materialised path (float32 rounding: ~1e-7·‖g_i‖‖g_j‖ per entry).
 
     Returns:
         ``(grams, losses)``: name → [N, N] symmetric PSD matrix (``dtype``) for every name of ``params``
@@ -350,13 +359,13 @@ def parameter_grams(
     state.update({k: v.detach() for k, v in (buffers or {}).items()})
     state.update(chosen)
     recorder = _GramRecorder(model, state, chosen, n=n, layer_mode=layer_mode, dtype=dtype)
-    leaves = {name: t.detach().requires_grad_(True) for name, t in chosen.items()}
     handles = recorder.install()
     try:
         with torch.enable_grad():
-            out = functional_call(model, {**state, **leaves}, (x,))
+            out = functional_call(model, state, (x,))
             losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
-            torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            if recorder.probes:  # backward to the probes: output gradients only, no weight gradients
+                torch.autograd.grad(losses.sum(), list(recorder.probes.values()), allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -430,8 +439,8 @@ def centre_gram(gram: Tensor) -> Tensor:
     """H G H with H = I − 11ᵀ/N: the Gram matrix of g_i − ḡ (ḡ the mean over the N rows).
 
     Every distance ‖g_i − g_j‖² = G_ii + G_jj − 2G_ij is unchanged; this is the input of
-    :meth:`~adaptive_dp.leakage.likelihood_ratio.LikelihoodRatioEstimator.estimate_from_gram` (compute ``gram``
-    in float64: centring a float32 Gram matrix of gradients with a large shared component loses digits).
+    :meth:`~adaptive_dp.leakage.likelihood_ratio.LikelihoodRatioEstimator.estimate_from_gram`. After clipping,
+    an entry's float32 rounding (~1e-7·C²) is far below the critic's noise scale σ²C² for any σ > 1e-3.
 
     Args:
         gram: [N, N] Gram matrix.

@@ -2,7 +2,8 @@
 
 Rows come from each run's ``summary.json`` (written by ``adaptive-dp train``); ε of a row is the Rényi filter's
 guarantee when the run had a budget (``--target-epsilon``), else the accountant's odometer reading (no formal
-guarantee when σ adapted without a budget). ``DIR/frontier.json`` is ``{"runs": [row, ...], ...}``.
+guarantee when σ adapted without a budget); a non-private reference run (``train --non-private``) has ε = ∞ and
+stays off the Pareto front and the per-budget table. ``DIR/frontier.json`` is ``{"runs": [row, ...], ...}``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def frontier_row(name: str, summary: Mapping[str, Any], *, options: Mapping[str,
     Returns:
         ``{"name", "config" (the run's full train options), "options" (those the sweep gave it), the
         :data:`SUMMARY_FIELDS` (ε at δ, MI in nats, seconds; None where the run has none), "target_mi",
-        "target_epsilon", "delta", "stopped_early"}``.
+        "target_epsilon", "delta", "stopped_early", "non_private"}``.
     """
     config = dict(summary.get("config") or {})
     row: dict[str, Any] = {"name": name, "config": config, "options": dict(options)}
@@ -41,11 +42,15 @@ def frontier_row(name: str, summary: Mapping[str, Any], *, options: Mapping[str,
     row["target_epsilon"] = config.get("target_epsilon")
     row["delta"] = summary.get("delta")
     row["stopped_early"] = summary.get("stopped_early")
+    row["non_private"] = bool(summary.get("non_private"))
     return row
 
 
 def epsilon_of(row: Mapping[str, Any]) -> float:
-    """The ε a row is placed at: ``guarantee_epsilon`` if the run had a budget, else ``odometer_epsilon``."""
+    """The ε a row is placed at: ``guarantee_epsilon`` if the run had a budget, else ``odometer_epsilon``;
+    ``inf`` for a non-private run."""
+    if row.get("non_private"):
+        return math.inf
     value = row.get("guarantee_epsilon")
     return float(row["odometer_epsilon"] if value is None else value)
 
@@ -67,21 +72,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def mark_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set ``row["on_front"]`` (on the ε–accuracy Pareto front, :func:`pareto_front`) on every row; returns them."""
-    front = set(pareto_front([(epsilon_of(r), float(r["test_accuracy"])) for r in rows]))
+    """Set ``row["on_front"]`` (on the ε–accuracy Pareto front of the private runs, :func:`pareto_front`) on
+    every row; returns them."""
+    private = [
+        i for i, r in enumerate(rows) if not r.get("non_private") and r.get("test_accuracy") is not None
+    ]
+    front = pareto_front([(epsilon_of(rows[i]), float(rows[i]["test_accuracy"])) for i in private])
+    on_front = {private[j] for j in front}
     for i, row in enumerate(rows):
-        row["on_front"] = i in front
+        row["on_front"] = i in on_front
     return rows
 
 
 def read_rows(out: str | os.PathLike, runs: Iterable[Any]) -> list[dict[str, Any]]:
-    """Frontier rows of the ``runs`` (grid points with ``name`` and ``options``) that have a ``summary.json``
-    in ``out/runs/<name>``, in grid order, Pareto front marked."""
+    """Frontier rows of the ``runs`` (grid points with ``name`` and ``options``) that finished
+    (:func:`adaptive_dp.sweep.runner.run_state`: the ``summary.json`` in ``out/runs/<name>`` of a completed run),
+    in grid order, Pareto front marked."""
+    from adaptive_dp.sweep.runner import FINISHED, run_dir, run_state
+
     rows = []
     for run in runs:
-        path = Path(out) / "runs" / run.name / "summary.json"
-        if path.is_file():
-            summary = json.loads(path.read_text(encoding="utf-8"))
+        path = run_dir(out, run.name)
+        if run_state(path) == FINISHED:
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
             rows.append(frontier_row(run.name, summary, options=run.options))
     return mark_front(rows)
 
@@ -108,13 +121,14 @@ def best_by_budget(
     rows: Sequence[Mapping[str, Any]], *, tolerance: float
 ) -> dict[float | None, dict[float | None, Mapping[str, Any] | None]]:
     """For each ε budget (``target_epsilon``; None = no budget) and MI ceiling (``target_mi``; None = none),
-    the most accurate run that holds the ceiling (:func:`holds_ceiling`), or None when no run of that cell
-    does. Budgets and ceilings in increasing order, None last."""
+    the most accurate private run that holds the ceiling (:func:`holds_ceiling`), or None when no run of that
+    cell does. Budgets and ceilings in increasing order, None last; non-private runs are left out."""
 
     def order(values: Iterable[float | None]) -> list[float | None]:
         distinct = set(values)
         return sorted(v for v in distinct if v is not None) + ([None] if None in distinct else [])
 
+    rows = [r for r in rows if not r.get("non_private")]
     table: dict[float | None, dict[float | None, Mapping[str, Any] | None]] = {}
     ceilings = order(r.get("target_mi") for r in rows)
     for budget in order(r.get("target_epsilon") for r in rows):

@@ -18,6 +18,8 @@ from adaptive_dp.sweep.options import TrainOption, train_options, train_parser
 
 #: longest run name before it is shortened to a prefix and a hash of the full name.
 MAX_NAME_LENGTH = 120
+#: the train flag of the non-private reference runs (:attr:`Grid.non_private`).
+NON_PRIVATE_FLAG = "--non-private"
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,15 @@ class Grid:
         axes: destination → values (length ≥ 1), in ``train``'s option order.
         flags: destinations of the ``train`` flags set for every run.
         options: :func:`adaptive_dp.sweep.options.train_options` (for the option strings).
+        non_private: also run ``train --non-private`` as a reference (ε = ∞), once per point of the axes that
+            are not DP-only options (``adaptive_dp.training.config.DP_ONLY_OPTIONS``); its runs are named
+            ``non-private`` (``non-private_seed-1``, ... when such an axis varies).
     """
 
     axes: dict[str, list[Any]]
     flags: list[str] = field(default_factory=list)
     options: dict[str, TrainOption] = field(default_factory=train_options)
+    non_private: bool = False
 
     @property
     def varying(self) -> list[str]:
@@ -55,7 +61,7 @@ class Grid:
         return [dest for dest, values in self.axes.items() if len(values) > 1]
 
     def runs(self) -> list[GridRun]:
-        """Every point of the product grid, the last axis varying fastest.
+        """Every point of the product grid, the last axis varying fastest, then the non-private references.
 
         Raises:
             ValueError: if two points get the same name (values that differ only in characters a folder
@@ -64,16 +70,12 @@ class Grid:
         for dest, values in self.axes.items():
             if not values:
                 raise ValueError(f"{self.options[dest].flag} needs at least one value")
-        dests = list(self.axes)
-        runs = []
-        for point in itertools.product(*(self.axes[d] for d in dests)):
-            chosen = dict(zip(dests, point))
-            argv = [t for d, v in chosen.items() for t in (self.options[d].flag, format_arg(v))]
-            argv += [self.options[d].flag for d in self.flags]
-            name = run_name(chosen, self.varying)
-            runs.append(
-                GridRun(name=name, options={**chosen, **dict.fromkeys(self.flags, True)}, argv=tuple(argv))
-            )
+        runs = self._points(self.axes)
+        if self.non_private:
+            from adaptive_dp.training.config import DP_ONLY_OPTIONS
+
+            kept = {d: v for d, v in self.axes.items() if d not in DP_ONLY_OPTIONS}
+            runs += self._points(kept, reference=True)
         names = [r.name for r in runs]
         clashes = sorted({n for n in names if names.count(n) > 1})
         if clashes:
@@ -81,6 +83,25 @@ class Grid:
                 f"several grid points get the run name(s) {', '.join(clashes)}: give values that differ in "
                 "letters, digits, '.', '-' or '_'"
             )
+        return runs
+
+    def _points(self, axes: dict[str, list[Any]], *, reference: bool = False) -> list[GridRun]:
+        """The runs of the product of ``axes`` (named by :func:`run_name` of the axes that vary in the whole
+        grid) with the grid's flags; ``reference``: non-private runs (``--non-private``, named ``non-private``
+        or ``non-private_<run name>``)."""
+        varying = [d for d in self.varying if d in axes]
+        runs = []
+        for point in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, point))
+            argv = [t for d, v in chosen.items() for t in (self.options[d].flag, format_arg(v))]
+            argv += [self.options[d].flag for d in self.flags]
+            options = {**chosen, **dict.fromkeys(self.flags, True)}
+            name = run_name(chosen, varying)
+            if reference:
+                argv.append(NON_PRIVATE_FLAG)
+                options["non_private"] = True
+                name = f"non-private_{name}" if varying else "non-private"
+            runs.append(GridRun(name=name, options=options, argv=tuple(argv)))
         return runs
 
 

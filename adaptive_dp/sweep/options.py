@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: train options the sweep sets for each run itself (``--out DIR/runs/<name>``, resuming): never copied.
-MANAGED = ("out", "resume", "overwrite", "no_progress", "help")
+#: train options the sweep sets for each run itself (``--out DIR/runs/<name>``, resuming, the non-private
+#: reference run) or that the ``adaptive-dp`` dispatcher adds to every command (``--debug``): never copied.
+MANAGED = ("out", "resume", "overwrite", "no_progress", "non_private", "debug", "help")
 #: train options that configure tracking, not the experiment: one value for the whole sweep.
 SHARED = ("wandb_mode", "wandb_project")
 

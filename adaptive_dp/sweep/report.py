@@ -24,6 +24,8 @@ def figures(row: Mapping[str, Any] | None) -> str:
     """A row's accuracy, ε (guarantee or odometer) and leakage in a few words."""
     if row is None:
         return "no summary.json"
+    if row.get("non_private"):
+        return f"acc {row['test_accuracy']:.3f}, ε = ∞ (non-private reference)"
     kind = "guarantee" if row.get("guarantee_epsilon") is not None else "odometer"
     text = f"acc {row['test_accuracy']:.3f}, ε {epsilon_of(row):.2f} ({kind})"
     if row.get("max_mi") is not None:
@@ -61,9 +63,17 @@ class Progress:
         self.ran += 1
         self.seconds += outcome.seconds
         left = self.to_run - self.ran
-        eta = f"ETA {duration(self.seconds / self.ran * left / min(self.jobs, left))}" if left else "all runs done"
+        eta = (
+            f"ETA {duration(self.seconds / self.ran * left / min(self.jobs, left))}"
+            if left
+            else "all runs done"
+        )
         verb = {"interrupted": "resumed and finished", "new": "finished"}[outcome.state]
-        if outcome.returncode != 0:
+        if outcome.stopped:
+            what = (
+                f"interrupted (exit {outcome.returncode}; resumes on the next invocation; see {outcome.log})"
+            )
+        elif outcome.returncode != 0:
             what = f"FAILED (exit {outcome.returncode}; see {outcome.log})"
         else:
             what = f"{verb} in {duration(outcome.seconds)} — {figures(row)}"
@@ -119,4 +129,7 @@ def budget_summary(rows: Sequence[Mapping[str, Any]], *, tolerance: float) -> st
             )
             parts.append(f"{key}: {best}")
         lines.append(f"  {label:<14} " + "; ".join(parts))
+    for row in rows:
+        if row.get("non_private"):
+            lines.append(f"  {'ε = ∞':<14} non-private reference: {row['test_accuracy']:.3f} ({row['name']})")
     return "\n".join(lines)

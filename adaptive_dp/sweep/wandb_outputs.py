@@ -54,8 +54,11 @@ def sweep_config(grid: Grid, *, project: str, name: str) -> dict[str, Any]:
     }
 
 
-def write_sweep_yaml(path: str | os.PathLike, config: Mapping[str, Any]) -> Path:
-    """Write a sweep configuration as YAML (PyYAML, installed with wandb) with a header saying how to use it."""
+def write_sweep_yaml(
+    path: str | os.PathLike, config: Mapping[str, Any], *, notes: Sequence[str] = ()
+) -> Path:
+    """Write a sweep configuration as YAML (PyYAML, installed with wandb) with a header saying how to use it
+    and the ``notes`` (comment lines)."""
     import yaml
 
     path = Path(path)
@@ -63,7 +66,7 @@ def write_sweep_yaml(path: str | os.PathLike, config: Mapping[str, Any]) -> Path
         "# W&B sweep configuration equivalent to this `adaptive-dp sweep` grid, for online agents:\n"
         f"#   wandb sweep {path.name}    then    wandb agent ENTITY/PROJECT/SWEEP_ID\n"
         "# (`program` is informational: `command` runs `python -m adaptive_dp.cli train --option=value ...`)\n"
-    )
+    ) + "".join(f"# {note}\n" for note in notes)
     path.write_text(
         header + yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8"
     )

@@ -31,6 +31,10 @@ WANDB_MODES = ("offline", "online", "disabled")
 #: opacus' per-sample-gradient modes ``--grad-sample-mode`` accepts; "auto" is the fastest correct one for the
 #: model (:func:`adaptive_dp.training.setup.resolve_grad_sample_mode`).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+#: canary modes ``--canary-mode`` accepts: "gradient" (white box, needs SGD) or "input" (black box).
+CANARY_MODES = ("gradient", "input")
+#: gradient-canary directions ``--canary-kind`` accepts.
+CANARY_KINDS = ("dirac", "random")
 #: options that only mean something under DP-SGD: ``non_private`` refuses values other than their defaults.
 DP_ONLY_OPTIONS = (
     "target_epsilon",
@@ -45,6 +49,9 @@ DP_ONLY_OPTIONS = (
     "token_encoder",
     "monitor_every",
     "grad_sample_mode",
+    "canaries",
+    "canary_mode",
+    "canary_kind",
 )
 
 
@@ -104,6 +111,12 @@ class TrainConfig:
         non_private: train the same model on the same data with the plain optimizer: no clipping, no noise, no
             accountant, no monitor (ε = ∞, reported as null with ``non_private: true``). The reference point of
             every trade-off; the DP-only options (:data:`DP_ONLY_OPTIONS`) must keep their defaults.
+        canaries: m canaries for a one-run audit of the run's privacy (Steinke, Nasr & Jagielski 2023,
+            arXiv:2305.08846): at the end ``canary_audit.json``, ``canary_audit.png`` and ``empirical_epsilon``
+            (ε̂, a lower bound on the run's ε at ``delta`` with 95 % confidence) in the summary; 0 (none) or ≥ 2.
+        canary_mode: "gradient" (white box: canary gradients of norm C join the clipped sum; needs SGD) or
+            "input" (black box: mislabelled training examples, scored by their loss under the final model).
+        canary_kind: gradient canaries' directions: "dirac" (one coordinate each) or "random".
         force: accept an audit split that leaves fewer training examples than a batch, or fewer than half of
             the data set (refused by default: almost nothing would be trained on).
     """
@@ -140,6 +153,9 @@ class TrainConfig:
     log_private_metrics: bool = False
     grad_sample_mode: str = "auto"
     non_private: bool = False
+    canaries: int = 0
+    canary_mode: str = "gradient"
+    canary_kind: str = "dirac"
     force: bool = False
 
     def validate(self) -> None:
@@ -178,6 +194,7 @@ class TrainConfig:
             self._validate_non_private()
         self._validate_adaptive()
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        self._validate_canaries()
         _one_of("device", self.device, DEVICES)
         if self.wandb_mode is not None:
             _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
@@ -233,6 +250,25 @@ class TrainConfig:
                 "the likelihood-ratio leakage monitor needs noise_multiplier > 0 (at σ = 0 nothing "
                 "is private); set --noise-multiplier > 0, or --audit-fraction 0 to turn the "
                 "monitor off, or --estimator token-mine"
+            )
+
+    def _validate_canaries(self) -> None:
+        """Check the canary options (see :meth:`validate`)."""
+        if (
+            isinstance(self.canaries, bool)
+            or not isinstance(self.canaries, int)
+            or self.canaries < 0
+            or self.canaries == 1
+        ):
+            raise ValueError(
+                f"canaries must be 0 (no canary audit) or an integer >= 2 (e.g. 1000), got {self.canaries!r}"
+            )
+        _one_of("canary_mode", self.canary_mode, CANARY_MODES)
+        _one_of("canary_kind", self.canary_kind, CANARY_KINDS)
+        if self.canaries and self.canary_mode == "gradient" and self.optimizer != "sgd":
+            raise ValueError(
+                f"gradient canaries score SGD's updates, not {self.optimizer}'s: use --optimizer sgd, or "
+                "--canary-mode input"
             )
 
     def _validate_non_private(self) -> None:

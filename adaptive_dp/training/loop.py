@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adaptive_dp.training.canary_report import record_canary_audit
 from adaptive_dp.training.checkpoint import (
     load_checkpoint,
     load_trained_model,
@@ -258,8 +259,8 @@ def _train(
             restore_run(resume_state, run)
         rng = resume_state["rng_states"] if resume_state is not None else None
         return _run(run, progress=progress, resume_rng_states=rng)
-    except Exception as exc:
-        if (out / "checkpoint.pt").is_file() and lock is not None:
+    except (Exception, KeyboardInterrupt) as exc:  # a second Ctrl-C is a KeyboardInterrupt too
+        if not isinstance(exc, RunInterrupted) and lock is not None and (out / "checkpoint.pt").is_file():
             exc.add_note(f"continue the run with `adaptive-dp train --resume {out}`")
         raise
     finally:
@@ -515,14 +516,16 @@ def _stop_interrupted(run: TrainingRun) -> None:
 
 
 def _finish_run(run: TrainingRun) -> dict[str, Any]:
-    """Trade-off figure, final checkpoint and summary of a (possibly stopped-early) run; returns the summary.
+    """Trade-off figure, final checkpoint, canary audit and summary of a (possibly stopped-early) run; returns
+    the summary.
 
     Under DDP only rank 0 draws the figure and writes the checkpoint and summary.
     """
     outputs = output_paths(run)
     figures = privacy_figures(run)
     if run.is_main:
-        _write_figure(run, outputs, guarantee_epsilon=figures["guarantee_epsilon"])
+        budget = figures["guarantee_epsilon"] if figures["guarantee_kind"] == "renyi-filter" else None
+        _write_figure(run, outputs, guarantee_epsilon=budget)
         save_run_checkpoint(
             run,
             {
@@ -532,18 +535,20 @@ def _finish_run(run: TrainingRun) -> dict[str, Any]:
                 "epsilon": figures["epsilon"],
                 "odometer_epsilon": figures["epsilon"],
                 "guarantee_epsilon": figures["guarantee_epsilon"],
+                "guarantee_kind": figures["guarantee_kind"],
                 "delta": run.config.delta,
                 "test_accuracy": run.progress.epochs[-1]["test_accuracy"],
                 "stopped_early": run.progress.stop_reason is not None,
             },
         )
+    figures["empirical_epsilon"] = record_canary_audit(run, outputs)
     summary = build_summary(run, outputs=outputs, figures=figures)
     run.tracker.finish(summary)
     return json.loads(json.dumps(summary))
 
 
 def _write_figure(run: TrainingRun, outputs: dict[str, Any], *, guarantee_epsilon: float | None) -> None:
-    """``tradeoff.png`` (its path set to None in ``outputs`` if drawing fails: a plotting failure must not lose
+    """``tradeoff.png`` with the budget's ε (``guarantee_epsilon``, None without a budget) as a line (its path set to None in ``outputs`` if drawing fails: a plotting failure must not lose
     the trained model); its training curve is the audit loss unless the run publishes the batch loss."""
     from adaptive_dp.training.plots import plot_tradeoff
 

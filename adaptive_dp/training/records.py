@@ -28,13 +28,15 @@ def critic_gap(record: Mapping[str, Any]) -> float | None:
 
 
 def adaptive_fields(engine) -> dict[str, Any]:
-    """The leakage / controller fields (:data:`ADAPTIVE_FIELDS` and ``monitor_error``) of the step just taken:
-    from ``engine.history[-1]`` when the engine keeps one (the adaptive engine does), else all None."""
+    """The leakage / controller fields (:data:`ADAPTIVE_FIELDS`, ``monitor_error`` and ``meter_blind``: whether
+    the blind-meter guard held σ up at the step) of the step just taken: from ``engine.history[-1]`` when the
+    engine keeps one (the adaptive engine does), else all None (``meter_blind`` False)."""
     history = getattr(engine, "history", None)
     last = history[-1] if history else {}
     fields = {field: last.get(field) for field in ADAPTIVE_FIELDS}
     fields["critic_gap"] = critic_gap(last)
     fields["monitor_error"] = last.get("monitor_error")
+    fields["meter_blind"] = bool(last.get("meter_blind", False))
     return fields
 
 

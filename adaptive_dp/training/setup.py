@@ -20,18 +20,32 @@ from adaptive_dp.training.plan import check_audit_split
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: the fastest correct grad-sample mode per model, measured on 2 CPU cores (one DP-SGD step on 3×32×32 inputs,
-#: batch 64 and 256, median of 3 after a warm-up; ms per step, hooks / functorch / ew / ghost):
-#:   small-cnn  B=64:   95 / 105 / 103 / 106     B=256:   479 /   454 /  667 /  319
-#:   tanh-cnn   B=64:  864 / 1080 / 1050 / 914   B=256:  8115 / 17407 /   …  /   …
-#:   lenet      B=64:   …                        B=256:   147 /   148 /  133 /  197
-#:   resnet20   B=64: 2020 /  …   / 4453 / 1031  B=256:  8782 /  3929 /   …  /   …
-#: (see the report; "hooks" is opacus' default and the choice for models not listed.)
+#: the fastest correct grad-sample mode per model, measured on this project's 2-core CPU machine (shared, so
+#: ±20 % noise): one DP-SGD step (forward, per-sample gradients, clip, noise, update) on 3×32×32 inputs, the four
+#: modes interleaved over rounds, median ms per step; every mode's update at σ = 0 matches hooks' to ≤ 1.2e-7.
+#:
+#:   model      batch   hooks  functorch     ew   ghost
+#:   small-cnn     64     156        231    166     181
+#:   small-cnn    128     299        424    288     331
+#:   small-cnn    256     889       1101    977     838
+#:   lenet         64      72         95     61      86
+#:   lenet        128     115        136    113     147
+#:   lenet        256     249        300    948    1250
+#:   tanh-cnn      64    1887       1735   1651    1537
+#:   tanh-cnn     128    4850       5053   5052    4356
+#:   tanh-cnn     256    9059      11437  11375   10226
+#:   resnet20      64    2051       1923   2112    2351
+#:   resnet20     128    4017       2788   3758    4502
+#:   resnet20     256    7656       6476   8386   10438
+#:
+#: hooks is fastest or within the noise for small-cnn and lenet; for tanh-cnn no mode wins at every batch size
+#: (ghost at 64–128, hooks at 256), so opacus' default stays; functorch is fastest for resnet20 at every size.
+#: Models not listed get "hooks", opacus' default.
 FASTEST_GRAD_SAMPLE_MODE: dict[str, str] = {
     "small-cnn": "hooks",
     "tanh-cnn": "hooks",
     "lenet": "hooks",
-    "resnet20": "ghost",
+    "resnet20": "functorch",
 }
 
 
@@ -178,7 +192,8 @@ def make_private(
     ``epochs`` epochs at ``delta``; the Rényi filter floors σ so the guarantee is ``target_epsilon``); else
     ``make_private`` at ``noise_multiplier``. Both get the monitor (``audit_data``, ``estimator``,
     ``token_encoder``, ``monitor_every``), the controller (``target_mi``, ``controller``, σ bounds,
-    ``sigma_end`` over the planned ``epochs``) and ``delta`` for the per-step odometer. Without a budget a
+    ``sigma_end`` over the planned ``epochs``), the canaries (``canaries``, ``canary_mode``, ``canary_kind``; input
+    canaries change the training set, so q) and ``delta`` for the per-step odometer. Without a budget a
     schedule runs from ``noise_multiplier`` (step 1) to ``sigma_end`` (the last planned step); under a budget the
     engine plans it over ``epochs`` / q steps, so it is one step short of ``sigma_end`` at the end (and never
     under the budget's floor).
@@ -216,6 +231,9 @@ def make_private(
         sigma_max=config.sigma_max,
         sigma_end=config.sigma_end,
         seed=config.seed,
+        canaries=config.canaries,
+        canary_mode=config.canary_mode,
+        canary_kind=config.canary_kind,
     )
     if config.target_epsilon is not None:
         out = engine.make_private_with_epsilon(

@@ -21,8 +21,9 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
     Returns:
         ``{"mi_readings": count of valid readings, "failed_readings": count of NaN readings, "max_mi",
         "mean_mi", "final_mi" (None without readings), "target_mi", "readings_over_ceiling",
-        "fraction_over_ceiling"}`` — the last two are the count and the share of valid readings above
-        ``target_mi`` (None without a ceiling or readings).
+        "fraction_over_ceiling", "meter_blind_steps"}`` — the count and the share of valid readings above
+        ``target_mi`` (None without a ceiling or readings), and the steps at which the blind-meter guard held σ
+        up (the estimator could not see leakage the likelihood-ratio reference saw).
     """
     values = [r.get("mi") for r in history if r.get("mi") is not None]
     valid = [float(v) for v in values if math.isfinite(float(v))]
@@ -39,21 +40,35 @@ def leakage_summary(history: list[Mapping[str, Any]], *, target_mi: float | None
         "target_mi": target_mi,
         "readings_over_ceiling": count,
         "fraction_over_ceiling": over,
+        "meter_blind_steps": sum(bool(r.get("meter_blind")) for r in history),
     }
 
 
-def epsilon_meaning(config: TrainConfig, *, guarantee: float | None) -> str:
-    """What the summary's ε values mean for this run (guarantee, odometer with or without adaptive σ, none)."""
+#: what stands behind ``guarantee_epsilon``, by the engine's ``guarantee_kind`` (docs/accounting.md).
+GUARANTEE_LABELS = {
+    "renyi-filter": "budget",
+    "renyi-odometer": "Rényi odometer, no budget",
+    "composition": "composition, σ fixed in advance",
+}
+
+
+def epsilon_meaning(config: TrainConfig, *, kind: str | None) -> str:
+    """What the summary's ε values mean for this run, by the engine's ``guarantee_kind`` (None: none given)."""
     if config.non_private:
         return (
             "non-private run (plain SGD: no clipping, no noise, no accountant): ε = ∞, written as null "
             "with non_private: true"
         )
-    if guarantee is not None:
+    odometer = "epsilon = odometer_epsilon: the RDP accountant's composition of the σ history used"
+    if kind == "renyi-filter":
+        return f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); {odometer}"
+    if kind == "renyi-odometer":
         return (
-            f"guarantee_epsilon: the Rényi filter's formal ε at δ = {config.delta:g} (target_epsilon); "
-            "epsilon = odometer_epsilon: the RDP accountant's composition of the σ history used"
+            f"guarantee_epsilon: the Rényi odometer's formal ε at δ = {config.delta:g} (σ was chosen from audit "
+            f"readings without a budget; valid whenever the run stopped); {odometer}, not a guarantee by itself here"
         )
+    if kind == "composition":
+        return f"σ fixed in advance: guarantee_epsilon is the accountant's composition; {odometer}"
     if config.target_mi is not None or config.controller in FEEDBACK_CONTROLLERS:
         return (
             "odometer only: RDP composition of the σ history used; σ was chosen from audit readings "
@@ -64,20 +79,29 @@ def epsilon_meaning(config: TrainConfig, *, guarantee: float | None) -> str:
 
 def privacy_figures(run: TrainingRun) -> dict[str, Any]:
     """``noise_multiplier`` (σ of the last step), ``epsilon`` (the odometer at δ, lost steps included),
-    ``guarantee_epsilon`` (the Rényi filter's ε, None without a budget) and ``accountant`` of ``run``; a
-    non-private run has σ 0 and no ε (None: ε = ∞), guarantee or accountant."""
+    ``guarantee_epsilon`` and ``guarantee_kind`` (the engine's formal ε and the theorem behind it, see
+    :data:`GUARANTEE_LABELS`) and ``accountant`` of ``run``; a non-private run has σ 0 and no ε (None: ε = ∞),
+    guarantee or accountant."""
     history, config = run.progress.history, run.config
     if run.engine is None:
-        return {"noise_multiplier": 0.0, "epsilon": None, "guarantee_epsilon": None, "accountant": None}
+        return {
+            "noise_multiplier": 0.0,
+            "epsilon": None,
+            "guarantee_epsilon": None,
+            "guarantee_kind": None,
+            "accountant": None,
+        }
     privacy = run.engine.privacy_summary(config.delta)
     if history and not run.progress.discarded:
         odometer = history[-1]["epsilon"]
     else:  # lost steps are booked in the accountant but in no kept record
         odometer = float(run.engine.get_epsilon(config.delta))
+    guarantee = privacy["guarantee_epsilon"]
     return {
         "noise_multiplier": float(run.optimizer.noise_multiplier),
         "epsilon": odometer,
-        "guarantee_epsilon": privacy["guarantee_epsilon"],
+        "guarantee_epsilon": guarantee,
+        "guarantee_kind": privacy.get("guarantee_kind", "renyi-filter" if guarantee is not None else None),
         "accountant": privacy["accountant"],
     }
 
@@ -96,7 +120,8 @@ def build_summary(
     published (``log_private_metrics``, always in a non-private run). ``epsilon``, ``odometer_epsilon`` and
     ``guarantee_epsilon`` are null in a non-private run (ε = ∞; ``non_private: true``). ``interrupted`` names
     the signal that stopped the run (None for a run that ended); ``test_accuracy`` is the last finished
-    epoch's (None before one). ``run_id`` is the id every file of the run carries.
+    epoch's (None before one). ``run_id`` is the id every file of the run carries. ``empirical_epsilon`` is
+    the canary audit's ε̂ at δ (``figures["empirical_epsilon"]``; null without canaries or before the run ended).
     """
     config, progress = run.config, run.progress
     final = progress.epochs[-1] if progress.epochs else {}
@@ -110,8 +135,9 @@ def build_summary(
         "epsilon": figures["epsilon"],
         "odometer_epsilon": figures["epsilon"],
         "guarantee_epsilon": figures["guarantee_epsilon"],
+        "guarantee_kind": figures["guarantee_kind"],
         "delta": config.delta,
-        "epsilon_meaning": epsilon_meaning(config, guarantee=figures["guarantee_epsilon"]),
+        "epsilon_meaning": epsilon_meaning(config, kind=figures["guarantee_kind"]),
         "noise_multiplier": figures["noise_multiplier"],
         "initial_noise_multiplier": run.initial_sigma,
         "noise_multiplier_range": [min(sigmas), max(sigmas)],
@@ -140,6 +166,8 @@ def build_summary(
         "distributed": _distributed(run.context),
         "engine": f"{type(run.engine).__module__}.{type(run.engine).__name__}",
         "accountant": figures["accountant"],
+        "empirical_epsilon": figures.get("empirical_epsilon"),
+        "canaries": config.canaries,
         "dataset": {
             "name": run.info.name,
             **run.sizes,
@@ -161,7 +189,8 @@ def build_summary(
 def outcome_line(summary: Mapping[str, Any]) -> str:
     """What happened, in one line: σ range, readings over the ceiling, ε guarantee vs odometer, e.g.
     "σ 0.91–1.73 · 2 of 12 readings over the 0.5-nat ceiling · ε guarantee 3.00 (budget), odometer 2.71 at
-    δ=1e-5" (a non-private run: "non-private SGD · no clipping, no noise · ε = ∞")."""
+    δ=1e-05" (the guarantee labelled by its ``guarantee_kind``, :data:`GUARANTEE_LABELS`; a non-private run:
+    "non-private SGD · no clipping, no noise · ε = ∞ · N steps")."""
     if summary.get("non_private"):
         return f"non-private SGD · no clipping, no noise · ε = ∞ · {summary['steps']} steps"
     lo, hi = summary["noise_multiplier_range"]
@@ -172,9 +201,15 @@ def outcome_line(summary: Mapping[str, Any]) -> str:
         parts.append(f"{over} of {readings} readings over the {target:g}-nat ceiling")
     elif readings:
         parts.append(f"{readings} readings, MI max {summary['max_mi']:.3f} nats")
+    if summary.get("meter_blind_steps"):
+        parts.append(f"blind meter held σ up on {summary['meter_blind_steps']} steps")
     delta, odometer, guarantee = summary["delta"], summary["odometer_epsilon"], summary["guarantee_epsilon"]
-    if guarantee is not None:
-        parts.append(f"ε guarantee {guarantee:.2f} (budget), odometer {odometer:.2f} at δ={delta:g}")
+    kind = summary.get("guarantee_kind", "renyi-filter" if guarantee is not None else None)
+    if kind == "composition":
+        parts.append(f"ε {guarantee:.2f} at δ={delta:g} (composition, σ fixed in advance)")
+    elif guarantee is not None:
+        label = GUARANTEE_LABELS.get(kind, kind)
+        parts.append(f"ε guarantee {guarantee:.2f} ({label}), odometer {odometer:.2f} at δ={delta:g}")
     elif target is not None or summary.get("controller") in FEEDBACK_CONTROLLERS:
         parts.append(f"ε odometer {odometer:.2f} at δ={delta:g} (no budget: not a guarantee)")
     else:
@@ -183,7 +218,8 @@ def outcome_line(summary: Mapping[str, Any]) -> str:
 
 
 def output_paths(run: TrainingRun) -> dict[str, Any]:
-    """The run's output files (``tradeoff`` / ``checkpoint`` None on ranks > 0 under DDP)."""
+    """The run's output files (``tradeoff`` / ``checkpoint`` None on ranks > 0 under DDP); with canaries also
+    ``canary_audit`` (JSON) and ``canary_plot`` (PNG)."""
     tracker = run.tracker
     outputs = {
         "dir": str(run.out),
@@ -193,6 +229,9 @@ def output_paths(run: TrainingRun) -> dict[str, Any]:
         "checkpoint": str(run.out / "checkpoint.pt") if run.is_main else None,
         "wandb": str(tracker.wandb_dir) if tracker.wandb_dir is not None else None,
     }
+    if run.config.canaries and not run.config.non_private:
+        outputs["canary_audit"] = str(run.out / "canary_audit.json") if run.is_main else None
+        outputs["canary_plot"] = str(run.out / "canary_audit.png") if run.is_main else None
     if run.context is not None:
         outputs["rank_history"] = str(tracker.rank_history_path)
     return outputs

@@ -60,6 +60,8 @@ WANDB_KEYS: dict[str, str] = {
 #: fields of an epoch record logged to W&B at the epoch's last step (the others — ε, σ, the latest MI — are the
 #: step's own values or would overwrite them there; they go to the epoch table).
 EPOCH_WANDB_FIELDS = ("epoch", "test_accuracy", "test_loss", "train_loss", "epoch_time_s")
+#: summary fields also set in the W&B run summary under these keys (beside the summary's own flat keys).
+SUMMARY_WANDB_KEYS = {"empirical_epsilon": "privacy/empirical_epsilon"}
 #: columns of the per-epoch W&B table, in order.
 EPOCH_COLUMNS = ("epoch", "step", "epsilon", "mi", "test_accuracy", "noise_multiplier")
 
@@ -350,7 +352,8 @@ class Tracker:
 
     def finish(self, summary: Mapping[str, Any] | None = None, *, exit_code: int = 0) -> None:
         """Close the run: write ``summary.json`` (when ``summary`` is given), log the per-epoch table and
-        scatter chart, set the W&B run summary and finish the W&B run. Idempotent.
+        scatter chart, set the W&B run summary (the summary's fields, plus those of :data:`SUMMARY_WANDB_KEYS`
+        under their W&B keys) and finish the W&B run. Idempotent.
 
         Args:
             summary: the run summary (JSON-able mapping), e.g. what :func:`adaptive_dp.training.train` returns.
@@ -365,6 +368,7 @@ class Tracker:
                 self._log_epoch_table()
                 if summary is not None:
                     clean = jsonable(summary)
+                    clean.update({key: clean[f] for f, key in SUMMARY_WANDB_KEYS.items() if f in clean})
                     self._call("summary", lambda: self.run.summary.update(clean))
                 self._call("finish", lambda: self.run.finish(exit_code=exit_code))
         finally:
