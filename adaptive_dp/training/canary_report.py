@@ -87,8 +87,9 @@ def plot_canary_scores(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylabel("canaries")
     ax.legend()
     ax.set_title(
-        f"{report['mode']} canaries: ε̂ = {report['epsilon_lower_bound']:.2f} at δ = {report['delta']:g} "
-        f"({report['confidence']:.0%} confidence; {report['correct']} of {report['guesses']} guesses right)"
+        f"{report['canaries']} {report['mode']} canaries: ε̂ = {report['epsilon_lower_bound']:.2f} at "
+        f"δ = {report['delta']:g}\n({report['confidence']:.0%} confidence; {report['correct']} of "
+        f"{report['guesses']} guesses right)"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
