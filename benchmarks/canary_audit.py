@@ -1,31 +1,25 @@
 """Canary audit benchmark: the one-run empirical ε̂ of DP-SGD runs under uniform, PID and predictive σ.
 
-Every run is ``AdaptivePrivacyEngine.make_private_with_epsilon`` (a hard (ε, δ) budget kept by the Rényi filter)
-with 1 000 white-box Dirac gradient canaries (``canaries=1000, canary_mode="gradient", canary_kind="dirac"``) and
-the likelihood-ratio leakage monitor on an audit split carved off the training pool before training. After
-training, ``engine.canary_audit(confidence=0.95)`` gives ε̂: with probability >= 95 % the run is not (ε, δ)-DP for
-any ε < ε̂ (Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023,
-arXiv:2305.08846). Per ε of the grid (δ = 1e-5): uniform σ (no controller, monitor only), PID and predictive
-control at MI ceilings (nats), and one σ = 0 run (clipping only, ε = ∞): the audit's power on this model, limited
-only by the data's own gradients on the canary coordinates.
+Every run is ``AdaptivePrivacyEngine.make_private_with_epsilon`` (hard (ε, δ) budget, Rényi filter) with 1 000
+white-box Dirac gradient canaries and the likelihood-ratio monitor on an audit split carved off the training pool
+before training; ``engine.canary_audit(confidence=0.95)`` then gives ε̂: with probability >= 95 % the run is not
+(ε, δ)-DP for any ε < ε̂ (Steinke, Nasr & Jagielski, NeurIPS 2023, arXiv:2305.08846). Per ε (δ = 1e-5): uniform
+σ (monitor only), PID and predictive control at MI ceilings (nats); plus one σ = 0 run (clipping only): the
+audit's power on this model, limited only by the data's own gradients on the canary coordinates. Full mode: a
+5 000-image MNIST pool (2 % audit split), small tanh CNN, C = 1, SGD lr 1 momentum 0.9, q = 0.2, 10 epochs = 50
+steps (large q, few steps: DP-SGD near its Gaussian regime, where the white-box score — the summed projection of
+the updates on the canary — is the right test; the small pool keeps the data's gradients below the noise).
 
-Setting (full mode): a 5 000-image MNIST training pool (2 % carved off as the audit split), the small tanh CNN,
-C = 1, SGD lr 1.0 with momentum 0.9, expected batch 980 (q = 0.2), 10 epochs = 50 steps. A large q with few
-steps puts DP-SGD near its Gaussian (CLT) regime, where the canaries' white-box score (the sum over steps of
-the update's projection on the canary) is the right test; the small pool keeps the data's own gradients on the
-canary coordinates below the noise (see the ``.md`` for both measured effects).
-
-Per run: ε̂, ε̂/ε, the guarantee and the odometer ε, the guesses behind ε̂, the separation d′ of the included
-and excluded canaries' scores, σ first → last, mean / max MI reading, test accuracy, wall and CPU seconds; and
-the *ideal* ε̂ of the same σ sequence (the same audit on simulated scores with no data gradient: Poisson joins
-at rate q plus the Gaussian noise only, mean ± sd over ``simulations`` draws), which separates what the one-run
+Per run: ε̂, ε̂/ε, guarantee and odometer ε, the guesses behind ε̂, the separation d′ of the included and excluded
+canaries' scores, σ, mean / max MI reading, test accuracy, wall and CPU seconds, and the *ideal* ε̂ of the same σ
+sequence (:func:`ideal_audit`: the same audit on simulated data-free scores), which separates what the one-run
 method can reach from what the data's gradients cost.
 
     python benchmarks/canary_audit.py --quick     # ≤ 3 min: 2 000-image MNIST pool, ε = 4 and 8, 3 policies
     python benchmarks/canary_audit.py --smoke     # seconds, digits: the plumbing only
-    python benchmarks/canary_audit.py             # full mode (≈ 15 CPU minutes on one core)
+    python benchmarks/canary_audit.py             # full mode (≈ 12 CPU minutes on one core)
 
-Writes ``benchmarks/results/canary_audit.{json,md,png}`` and prints one JSON object as the last stdout line.
+Writes ``benchmarks/results/canary_audit.{json,md,png}``; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -99,29 +93,14 @@ class AuditConfig:
 
 
 FULL = AuditConfig()
-QUICK = AuditConfig(
-    epsilons=(4.0, 8.0),
-    policies=(("uniform", None), ("pid", 0.1), ("predictive", 0.1)),
-    n_pool=2000,
-    batch_size=392,
-    epochs=5,
-    n_test=2000,
-    simulations=20,
-)
+QUICK_POLICIES = (("uniform", None), ("pid", 0.1), ("predictive", 0.1))
+QUICK = AuditConfig(epsilons=(4.0, 8.0), policies=QUICK_POLICIES, n_pool=2000, batch_size=392, epochs=5)
+QUICK = replace(QUICK, n_test=2000, simulations=20)
 #: ``--smoke``: digits, two epochs, two policies (seconds; checks the plumbing, the numbers mean nothing)
 SMOKE = AuditConfig(
-    dataset="digits",
-    epsilons=(4.0,),
-    policies=(("uniform", None), ("pid", 0.1)),
-    power_row=False,
-    n_pool=None,
-    batch_size=282,
-    epochs=2,
-    lr=0.5,
-    canaries=200,
-    n_test=200,
-    simulations=3,
+    dataset="digits", epsilons=(4.0,), policies=QUICK_POLICIES[:2], power_row=False, n_pool=None
 )
+SMOKE = replace(SMOKE, batch_size=282, epochs=2, lr=0.5, canaries=200, n_test=200, simulations=3)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -195,9 +174,7 @@ def _accuracy(private_model, data: Data, config: AuditConfig) -> float:
 # ------------------------------------------------------------------------------------- the ideal audit
 
 
-def ideal_audit(
-    sigmas: list[float], *, sample_rate: float, config: AuditConfig, seed: int
-) -> dict[str, float]:
+def ideal_audit(sigmas: list[float], *, sample_rate: float, config: AuditConfig, seed: int) -> dict:
     """ε̂ and d′ of the same audit on simulated, data-free scores of the same σ sequence.
 
     Each simulation draws the coin flips (probability 1/2), the Poisson joins of the included canaries (rate q
@@ -367,7 +344,7 @@ def run_benchmark(config: AuditConfig, *, data_dir: str | None, progress: bool =
         rows.append(row)
         if progress:
             print(
-                f"ε={fmt(eps)} {policy}@{fmt(ceiling)}: ε̂ {row['eps_hat']:.2f} (ideal {row['ideal_eps_hat']:.2f}), "
+                f"ε={fmt(eps)} {_label(row)}: ε̂ {row['eps_hat']:.2f} (ideal {row['ideal_eps_hat']:.2f}), "
                 f"d′ {row['d_prime']:.2f}, mean MI {fmt(row['mean_mi'])}, acc {row['accuracy']:.3f}, "
                 f"{row['seconds']:.0f} s wall / {row['cpu_seconds']:.0f} s CPU",
                 flush=True,
@@ -425,32 +402,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = sorted({(r["policy"], r["ceiling"] or 0.0) for r in rows}, key=lambda p: (p[0] != "uniform", p))
     for i, (policy, ceiling) in enumerate(labels):
         mine = [r for r in rows if r["policy"] == policy and (r["ceiling"] or 0.0) == ceiling]
-        shift = 0.06 * (i - len(labels) / 2)
+        shift = 0.05 * (i - (len(labels) - 1) / 2)
         xs = [r["epsilon"] * (1 + shift) for r in mine]
         name = policy if policy == "uniform" else f"{policy} @ {fmt(ceiling)}"
         line = left.plot(xs, [r["eps_hat"] for r in mine], "o", label=name)[0]
         left.plot(xs, [r["ideal_eps_hat"] for r in mine], "x", color=line.get_color())
     eps = sorted({r["epsilon"] for r in rows})
     left.plot(eps, eps, "k:", label="ε̂ = ε")
+    top = max(max(r["eps_hat"], r["ideal_eps_hat"]) for r in rows)
+    left.set_ylim(-0.05, 1.15 * max(top, 0.5))
     left.set(
-        xscale="log",
-        xlabel="ε (budget, δ = 1e-5)",
-        ylabel="ε̂ (95 %)",
-        title="ε̂ per run (o) and ideal ε̂ of its σ (x)",
+        xscale="log", xlabel="ε (budget, δ = 1e-5)", ylabel="ε̂ (95 %)", title="ε̂ (o), ideal ε̂ of its σ (x)"
     )
     left.legend(fontsize=6)
-    sc = right.scatter(
-        [r["mean_mi"] or 0.0 for r in rows],
-        [r["eps_hat"] for r in rows],
-        c=[math.log(r["epsilon"]) for r in rows],
-        cmap="viridis",
-        edgecolors="k",
-    )
+    mean_mi = [r["mean_mi"] or 0.0 for r in rows]
+    sc = right.scatter(mean_mi, [r["eps_hat"] for r in rows], c=[math.log(r["epsilon"]) for r in rows])
     fig.colorbar(sc, ax=right, label="log ε")
     right.set(
         xscale="symlog", xlabel="mean MI reading (nats)", ylabel="ε̂ (95 %)", title="ε̂ vs leakage reading"
     )
-    right.set_xlim(left=0.0, right=max(1.0, max(r["mean_mi"] or 0.0 for r in rows)))
+    right.set_xlim(left=0.0, right=max(1.0, *mean_mi))
     _common.save_figure(fig, path)
 
 

@@ -83,7 +83,7 @@ def _model(name: str, tuning: str, seed: int):
     from adaptive_dp.models.lora import apply_lora
 
     model = build_model(name, in_channels=3, num_classes=10, image_size=32, seed=seed)
-    return apply_lora(model, rank=LORA_RANK if tuning == "lora" else 0)
+    return apply_lora(model, rank=LORA_RANK if tuning == "lora" else 0, seed=seed)
 
 
 def _timed(run, repeats: int) -> tuple[float, float]:

@@ -178,9 +178,12 @@ def test_every_rank_books_the_same_sigma_and_epsilon(two_rank_run):
     assert r0["mi"] == r1["mi"]  # rank 0's readings, broadcast with σ
     assert r0["monitor_on_this_rank"] and not r1["monitor_on_this_rank"]
     assert r0["floors"] == r1["floors"]
-    if r0["guarantee_epsilon"] is not None:  # the budget run: floors computed on every rank, σ never below
+    assert r0["guarantee_epsilon"] == r1["guarantee_epsilon"]
+    if r0["floors"][0] is not None:  # the budget run: floors computed on every rank, σ never below
         assert all(s >= f for s, f in zip(r0["sigmas"], r0["floors"]))
         assert r0["epsilon"] <= r0["guarantee_epsilon"] * 1.01
+    else:  # a ceiling without a budget: the Rényi odometer, never below the composition
+        assert r0["guarantee_epsilon"] >= r0["epsilon"]
 
 
 def test_epsilon_equals_a_single_process_accountant_on_the_same_history(two_rank_run):

@@ -151,3 +151,18 @@ def test_apply_lora_refuses_bad_arguments_with_the_fix():
         apply_lora(fresh(), rank=4, head=("nohead",))
     with pytest.raises(ValueError, match="dropout"):
         apply_lora(fresh(), rank=4, dropout=1.0)
+
+
+def test_apply_lora_seed_fixes_the_adapters_and_leaves_the_global_rng():
+    def adapters(seed):
+        model = build_model("vit-tiny", in_channels=1, num_classes=10, image_size=8, seed=0)
+        model = apply_lora(model, rank=4, seed=seed)
+        return [p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n]
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = adapters(7), adapters(7), adapters(8)
+    assert torch.equal(torch.rand(1), before)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not any(torch.equal(p, q) for p, q in zip(a, c))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 __all__ = ["DEFAULT_LORA_HEAD", "DEFAULT_LORA_TARGETS", "apply_lora", "matching_modules"]
@@ -79,6 +80,7 @@ def apply_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     head: Sequence[str] = DEFAULT_LORA_HEAD,
+    seed: int | None = None,
 ) -> nn.Module:
     """Freeze ``model`` and add trainable LoRA adapters to its ``targets``; keep the ``head`` trainable.
 
@@ -95,6 +97,8 @@ def apply_lora(
         alpha: LoRA's α; the update is scaled by α / r. None = r (scale 1).
         dropout: dropout on the adapters' input during training (0 = none; the monitor reads in eval mode).
         head: names (or suffixes) of modules trained in full beside the adapters (the classification head).
+        seed: seeds the adapters' initialisation (peft draws A at random, B = 0) in a forked RNG, leaving the
+            global torch RNG untouched; None draws from the global RNG.
 
     Returns:
         ``peft.PeftModel`` around ``model`` (same forward: [B, ...] inputs → [B, K] logits) whose trainable
@@ -129,7 +133,10 @@ def apply_lora(
         lora_dropout=float(dropout),
         bias="none",
     )
-    adapted = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        adapted = get_peft_model(model, config)
     for module in matching_modules(adapted, head).values():
         module.requires_grad_(True)
     return adapted
