@@ -34,6 +34,7 @@ from typing import Any
 import _common
 import numpy as np
 from _common import fmt, markdown_table
+from scipy import stats
 
 NAME = "canary_audit"
 DELTA = 1e-5
@@ -222,24 +223,32 @@ def separation(scores, included) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
+def gaussian_reference(config: AuditConfig, *, steps: int) -> dict[str, dict]:
+    """Per ε: the ideal ε̂ of full-batch DP-GD (q = 1) spending ε in the same number of steps.
+
+    There the mechanism is exactly Gaussian and the summed score is the optimal test (d′ = √T/σ), so this is
+    what the one-run audit with m canaries can certify at that ε at best — the reference for ε̂/ε. σ from
+    opacus' ``get_noise_multiplier`` (RDP accountant); returns ``{"eps<ε>": {"sigma", "mean", "sd", "d_prime"}}``.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    out = {}
+    for eps in config.epsilons:
+        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=DELTA, sample_rate=1.0, steps=steps)
+        ideal = ideal_audit([sigma] * steps, sample_rate=1.0, config=config, seed=config.seed + 2)
+        out[f"eps{fmt(eps)}"] = {"sigma": float(sigma), **ideal}
+    return out
+
+
 # ---------------------------------------------------------------------------------------- one training run
 
 
-def _make_private(
-    engine,
-    modules: tuple,
-    *,
-    data: Data,
-    config: AuditConfig,
-    epsilon: float | None,
-    policy: str,
-    ceiling: float | None,
-):
+def _make_private(engine, modules: tuple, spec: tuple, *, data: Data, config: AuditConfig):
     """``make_private_with_epsilon`` with canaries and the monitor (``epsilon=None``: σ = 0, no monitor).
 
-    ``modules`` = (model, optimizer, data loader); returns opacus' triple.
+    ``modules`` = (model, optimizer, data loader), ``spec`` = (ε, policy, ceiling); returns opacus' triple.
     """
-    model, optimizer, loader = modules
+    (model, optimizer, loader), (epsilon, policy, ceiling) = modules, spec
     common = {"module": model, "optimizer": optimizer, "data_loader": loader, "seed": config.seed}
     common.update(max_grad_norm=config.max_grad_norm, canaries=config.canaries, canary_mode="gradient")
     common.update(canary_kind=config.canary_kind)
@@ -248,9 +257,8 @@ def _make_private(
     controller = None if policy == "uniform" else policy
     common.update(audit_data=data.audit, monitor_every=config.monitor_every, controller=controller)
     common.update(target_mi=ceiling, monitor_options={"max_audit": len(data.audit)})
-    return engine.make_private_with_epsilon(
-        target_epsilon=epsilon, target_delta=DELTA, epochs=config.epochs, **common
-    )
+    common.update(target_epsilon=epsilon, target_delta=DELTA, epochs=config.epochs)
+    return engine.make_private_with_epsilon(**common)
 
 
 def _train(model, optimizer, loader, *, epochs: int) -> str:
@@ -271,9 +279,7 @@ def _train(model, optimizer, loader, *, epochs: int) -> str:
     return ""
 
 
-def _audited_run(
-    data: Data, *, config: AuditConfig, epsilon: float | None, policy: str, ceiling: float | None
-):
+def _audited_run(data: Data, spec: tuple, *, config: AuditConfig):
     """Train one audited run; returns ``(engine, private model, audit, note)``."""
     import torch
     from torch.utils.data import DataLoader
@@ -287,15 +293,8 @@ def _audited_run(
     torch.manual_seed(config.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # σ = 0 (ε = ∞) and opacus' RNG notices warn by design
-        model, optimizer, loader = _make_private(
-            engine,
-            (model, optimizer, loader),
-            data=data,
-            config=config,
-            epsilon=epsilon,
-            policy=policy,
-            ceiling=ceiling,
-        )
+        modules = (model, optimizer, loader)
+        model, optimizer, loader = _make_private(engine, modules, spec, data=data, config=config)
         note = _train(model, optimizer, loader, epochs=config.epochs)
         audit = engine.canary_audit(confidence=config.confidence, delta=DELTA)
     return engine, model, audit, note
@@ -306,9 +305,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One audited run (``epsilon=None``: the σ = 0 power run); returns its row (see the module docstring)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    engine, model, audit, note = _audited_run(
-        data, config=config, epsilon=epsilon, policy=policy, ceiling=ceiling
-    )
+    engine, model, audit, note = _audited_run(data, (epsilon, policy, ceiling), config=config)
     sigmas = [float(r["noise_multiplier"]) for r in engine.history]
     mis = [float(r["mi"]) for r in engine.history if r.get("mi") is not None and math.isfinite(r["mi"])]
     eps_hat, run = float(audit.epsilon_lower_bound), engine.canary_run
@@ -349,14 +346,8 @@ def run_benchmark(config: AuditConfig, *, data_dir: str | None, progress: bool =
                 f"{row['seconds']:.0f} s wall / {row['cpu_seconds']:.0f} s CPU",
                 flush=True,
             )
-    return {
-        "config": asdict(config),
-        "n_train": len(data.train),
-        "n_audit": len(data.audit),
-        "n_test": len(data.test),
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-    }
+    sizes = {"n_train": len(data.train), "n_audit": len(data.audit), "n_test": len(data.test)}
+    return {"config": asdict(config), **sizes, "rows": rows, "seconds": time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -367,21 +358,29 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers to quote: ε̂ per (ε, policy@ceiling), mean ε̂/ε per ε, the σ = 0 power, the ceiling effect.
+    """The numbers to quote: ε̂ per (ε, policy@ceiling), ε̂/ε of uniform σ, the σ = 0 power, the ceiling effect.
 
     ``lowest_ceiling_vs_uniform``: per ε, ε̂ and ideal ε̂ of the lowest-ceiling PID row minus those of the
-    uniform row (negative: the lower ceiling lowered ε̂).
+    uniform row (negative: the lower ceiling lowered ε̂); ``spearman_mean_mi_*``: Spearman ρ
+    (``scipy.stats.spearmanr``) between the mean MI reading and ε̂ (ideal ε̂) over the budget rows.
     """
     rows = result["rows"]
-    out: dict[str, Any] = {"eps_hat": {}, "mean_ratio": {}, "lowest_ceiling_vs_uniform": {}}
+    out: dict[str, Any] = {"eps_hat": {}, "uniform_ratio": {}, "lowest_ceiling_vs_uniform": {}}
     power = next((r for r in rows if r["epsilon"] is None), None)
     out["power_eps_hat"] = power["eps_hat"] if power else None
+    out["gaussian_reference_eps_hat"] = {k: v["mean"] for k, v in result.get("reference", {}).items()}
+    budget = [r for r in rows if r["epsilon"] is not None and r["mean_mi"] is not None]
+    for name in ("eps_hat", "ideal_eps_hat"):
+        rho = (
+            stats.spearmanr([r["mean_mi"] for r in budget], [r[name] for r in budget])[0] if budget else None
+        )
+        out[f"spearman_mean_mi_{name}"] = float(rho) if rho is not None and math.isfinite(rho) else None
     for eps in sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}):
         same = [r for r in rows if r["epsilon"] == eps]
         key = f"eps{fmt(eps)}"
         out["eps_hat"][key] = {_label(r): r["eps_hat"] for r in same}
-        out["mean_ratio"][key] = float(np.mean([r["eps_hat_ratio"] for r in same]))
         uniform = next((r for r in same if r["policy"] == "uniform"), None)
+        out["uniform_ratio"][key] = uniform["eps_hat_ratio"] if uniform else None
         pids = [r for r in same if r["policy"] == "pid" and r["ceiling"] is not None]
         if uniform and pids:
             low = min(pids, key=lambda r: r["ceiling"])
@@ -409,7 +408,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         left.plot(xs, [r["ideal_eps_hat"] for r in mine], "x", color=line.get_color())
     eps = sorted({r["epsilon"] for r in rows})
     left.plot(eps, eps, "k:", label="ε̂ = ε")
+    reference = [result.get("reference", {}).get(f"eps{fmt(e)}", {}).get("mean") for e in eps]
+    if None not in reference:
+        left.plot(eps, reference, "k--", label="full-batch Gaussian, ideal")
     top = max(max(r["eps_hat"], r["ideal_eps_hat"]) for r in rows)
+    top = max(top, *(v or 0.0 for v in reference))
     left.set_ylim(-0.05, 1.15 * max(top, 0.5))
     left.set(
         xscale="log", xlabel="ε (budget, δ = 1e-5)", ylabel="ε̂ (95 %)", title="ε̂ (o), ideal ε̂ of its σ (x)"
@@ -418,10 +421,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     mean_mi = [r["mean_mi"] or 0.0 for r in rows]
     sc = right.scatter(mean_mi, [r["eps_hat"] for r in rows], c=[math.log(r["epsilon"]) for r in rows])
     fig.colorbar(sc, ax=right, label="log ε")
-    right.set(
-        xscale="symlog", xlabel="mean MI reading (nats)", ylabel="ε̂ (95 %)", title="ε̂ vs leakage reading"
-    )
-    right.set_xlim(left=0.0, right=max(1.0, *mean_mi))
+    right.set(xlabel="mean MI reading (nats)", ylabel="ε̂ (95 %)", title="ε̂ vs leakage reading")
+    right.set_xlim(left=0.0, right=1.1 * max(0.01, *mean_mi))
     _common.save_figure(fig, path)
 
 
@@ -431,25 +432,19 @@ HEADER = "ε|policy|ceiling|σ first→last (mean)|odometer ε|ε̂|ε̂/ε|righ
 
 
 def _table_rows(rows: list[dict]) -> list[list[Any]]:
-    return [
-        [
-            r["epsilon"] if r["epsilon"] is not None else "∞ (σ = 0)",
-            r["policy"],
-            r["ceiling"],
-            f"{fmt(r['sigma_first'])}→{fmt(r['sigma_last'])} ({fmt(r['sigma_mean'])})",
-            r["odometer_epsilon"],
-            r["eps_hat"],
-            r["eps_hat_ratio"],
-            f"{r['correct']} / {r['guesses']}",
-            f"{fmt(r['ideal_eps_hat'])} ± {fmt(r['ideal_eps_hat_sd'], 2)}",
-            f"{fmt(r['d_prime'], 2)} / {fmt(r['ideal_d_prime'], 2)}",
-            f"{fmt(r['mean_mi'])} / {fmt(r['max_mi'])}",
-            r["frac_over_ceiling"],
-            r["accuracy"],
-            f"{r['seconds']:.0f} / {r['cpu_seconds']:.0f}",
-        ]
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        eps = r["epsilon"] if r["epsilon"] is not None else "∞ (σ = 0)"
+        sigma = f"{fmt(r['sigma_first'])}→{fmt(r['sigma_last'])} ({fmt(r['sigma_mean'])})"
+        ideal = f"{fmt(r['ideal_eps_hat'])} ± {fmt(r['ideal_eps_hat_sd'], 2)}"
+        sep = f"{fmt(r['d_prime'], 2)} / {fmt(r['ideal_d_prime'], 2)}"
+        mi = f"{fmt(r['mean_mi'])} / {fmt(r['max_mi'])}"
+        right, times = f"{r['correct']} / {r['guesses']}", f"{r['seconds']:.0f} / {r['cpu_seconds']:.0f}"
+        cells = [eps, r["policy"], r["ceiling"], sigma, *(r[k] for k in ("odometer_epsilon", "eps_hat"))]
+        out.append(
+            [*cells, r["eps_hat_ratio"], right, ideal, sep, mi, r["frac_over_ceiling"], r["accuracy"], times]
+        )
+    return out
 
 
 def _setup_text(result: dict[str, Any]) -> str:
@@ -466,27 +461,35 @@ def _setup_text(result: dict[str, Any]) -> str:
         f"and the likelihood-ratio monitor every {c['monitor_every']} steps on the {result['n_audit']} audit "
         f"images; ε̂ at {c['confidence']:.0%} (`engine.canary_audit`); ideal ε̂ = mean ± sd over "
         f"{c['simulations']} simulated data-free audits of the run's own σ sequence; test accuracy on "
-        f"{result['n_test']} test images. Largest ε̂ this audit can print (every one of the "
-        f"{c['canaries']} guesses right, k-set Bonferroni): {fmt(cap)}."
+        f"{result['n_test']} test images. Largest ε̂ this audit prints in practice (ideal ε̂ at σ = 0: "
+        f"perfectly separated scores; the k set is fixed before the coin flips, so only k < m/2 is all "
+        f"right): {fmt(cap)}."
     )
 
 
 def _findings(result: dict[str, Any]) -> list[str]:
     head = headline(result)
+    power, ref = head["power_eps_hat"], head["gaussian_reference_eps_hat"]
+    ratios = ", ".join(f"ε = {k[3:]}: {fmt(v, 2)}" for k, v in head["uniform_ratio"].items())
     lines = [
-        "Mean ε̂/ε per ε: "
-        + ", ".join(f"ε = {k[3:]}: {fmt(v, 2)}" for k, v in head["mean_ratio"].items())
-        + (
-            f"; at σ = 0 (ε = ∞) ε̂ = {fmt(head['power_eps_hat'])}."
-            if head["power_eps_hat"] is not None
-            else "."
-        )
+        f"ε̂/ε of uniform σ: {ratios}" + ("." if power is None else f"; at σ = 0 (ε = ∞) ε̂ = {fmt(power)}.")
     ]
-    for key, d in head["lowest_ceiling_vs_uniform"].items():
+    if ref:
+        refs = ", ".join(f"ε = {k[3:]}: {fmt(v)} (ratio {fmt(v / float(k[3:]), 2)})" for k, v in ref.items())
         lines.append(
-            f"ε = {key[3:]}: PID at {fmt(d['ceiling'])} nats vs uniform: ε̂ {d['eps_hat_change']:+.2f}, "
-            f"ideal ε̂ {d['ideal_eps_hat_change']:+.2f} (odometer ε {fmt(d['odometer_epsilon'])})."
+            "Reference — ideal ε̂ of full-batch DP-GD spending the same ε in the same steps (exactly "
+            f"Gaussian, the summed score optimal; `gaussian_reference`): {refs}."
         )
+    for key, d in head["lowest_ceiling_vs_uniform"].items():
+        change = f"ε̂ {d['eps_hat_change']:+.2f}, ideal ε̂ {d['ideal_eps_hat_change']:+.2f}"
+        lines.append(
+            f"ε = {key[3:]}: PID at {fmt(d['ceiling'])} nats vs uniform: {change} "
+            f"(odometer ε {fmt(d['odometer_epsilon'])})."
+        )
+    rho = fmt(head["spearman_mean_mi_eps_hat"], 2), fmt(head["spearman_mean_mi_ideal_eps_hat"], 2)
+    lines.append(
+        f"Spearman ρ over the budget rows: (mean MI reading, ε̂) {rho[0]}; (mean MI, ideal ε̂) {rho[1]}."
+    )
     return ["- " + line for line in lines]
 
 
@@ -500,7 +503,13 @@ READING_NOTES = [
     "own clipped gradients also move the canaries' coordinates (d′ run < d′ ideal) — large C relative to the "
     "per-sample gradients or a small training set keeps this small.",
     "- **Ideal ε̂** depends only on the σ sequence, q and m, so it is the low-noise measure of how a policy's σ "
-    "changes what an auditor can prove; the run's ε̂ adds the randomness of one draw and the data's gradients.",
+    "changes what an auditor can prove; the run's ε̂ adds the randomness of one draw and the data's gradients. "
+    "All rows share one seed (the same canaries, coin flips, Poisson draws and standard normal noise draws, "
+    "scaled by each row's σ), so rows at one ε differ through σ only.",
+    "- **Against the paper**: Steinke, Nasr & Jagielski report a white-box ε̂ ≈ 1.8 at ε = 4 on CIFAR-10 "
+    "(WideResNet). Compare the uniform rows' ε̂/ε and the full-batch Gaussian reference above (the most any "
+    "audit of this kind with m canaries and the same number of steps can certify): Poisson sampling at q < 1 "
+    "keeps even a perfect audit's d′ (ideal column, q√T/σ for fixed σ) below the full-batch √T/σ.",
     "- **MI and ε̂ measure different things**: the MI meter reads what real audit examples' clipped gradients "
     "leak at this σ (average case, falls as the model fits); ε̂ tests a worst-case example (a canary of norm C). "
     "A ceiling moves ε̂ only through σ: when readings stay under it the controller reduces to the budget's "
@@ -509,33 +518,21 @@ READING_NOTES = [
 
 
 def markdown(payload: dict[str, Any], *, started: float, rebuilt: bool = False) -> str:
-    """The .md report: provenance, setting, the table, findings, how to read it."""
-    result = payload["result"]
-    mode = payload.get("mode", "full")
-    lines = [
-        f"# Canary audits: one-run empirical ε̂ under uniform, PID and predictive σ"
-        f"{'' if mode == 'full' else f' ({mode.upper()} MODE)'}",
-        "",
-        _common.provenance_block(
-            quick=mode == "quick",
-            smoke=mode == "smoke",
-            started=started,
-            extra=_common.REBUILT_NOTE if rebuilt else None,
-        ),
-        "",
-        _setup_text(result),
-        "",
-        markdown_table(HEADER, _table_rows(result["rows"])),
-        "",
-        "## Findings",
-        "",
-        *_findings(result),
-        "",
-        "## How to read this",
-        "",
-        *READING_NOTES,
-    ]
-    return "\n".join(lines)
+    """The .md report: provenance (with the run command), setting, the table, findings, how to read it."""
+    result, mode = payload["result"], payload.get("mode", "full")
+    title = "# Canary audits: one-run empirical ε̂ under uniform, PID and predictive σ"
+    title += "" if mode == "full" else f" ({mode.upper()} MODE)"
+    extra = {"Run command": f"`{payload['command']}`"}
+    if rebuilt:
+        extra["Report"] = "rebuilt from the committed JSON (`--report-only`); the wall time is the run's"
+    block = _common.provenance_block(
+        quick=mode == "quick", smoke=mode == "smoke", started=started, extra=extra
+    )
+    table = markdown_table(HEADER, _table_rows(result["rows"]))
+    findings, notes = "\n".join(_findings(result)), "\n".join(READING_NOTES)
+    return "\n\n".join(
+        [title, block, _setup_text(result), table, "## Findings", findings, "## How to read this", notes]
+    )
 
 
 def _report(payload: dict[str, Any], out_dir: Path, *, started: float, rebuilt: bool) -> dict[str, Any]:
@@ -543,14 +540,16 @@ def _report(payload: dict[str, Any], out_dir: Path, *, started: float, rebuilt: 
     _common.write_json(out_dir / f"{NAME}.json", payload)
     plot(payload["result"], out_dir / f"{NAME}.png")
     _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, rebuilt=rebuilt))
-    return {
-        "benchmark": NAME,
-        "mode": payload["mode"],
-        "quick": payload["mode"] == "quick",
-        "smoke": payload["mode"] == "smoke",
-        **payload["headline"],
-        "seconds": round(time.time() - started, 1),
-    }
+    summary = {"benchmark": NAME, "mode": payload["mode"], "quick": payload["mode"] == "quick"}
+    summary.update(smoke=payload["mode"] == "smoke", **payload["headline"])
+    return {**summary, "seconds": round(time.time() - started, 1)}
+
+
+def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """An :class:`AuditConfig`'s fields from its JSON form (lists back to tuples)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    fields["policies"] = tuple(tuple(p) for p in fields["policies"])
+    return fields
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -572,14 +571,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         config = replace(SMOKE if args.smoke else QUICK if args.quick else FULL, seed=args.seed)
         result = run_benchmark(config, data_dir=args.data_dir)
-        payload = {
-            "benchmark": NAME,
-            "mode": mode,
-            "command": _common.command_line(),
-            "machine": _common.machine_description(),
-            "result": result,
-        }
-    payload["headline"] = headline(payload["result"])
+        payload = {"benchmark": NAME, "mode": mode, "command": _common.command_line()}
+        payload.update(machine=_common.machine_description(), result=result)
+    result = payload["result"]
+    if "reference" not in result:
+        steps = max(r["steps"] for r in result["rows"])
+        result["reference"] = gaussian_reference(AuditConfig(**_config_fields(result["config"])), steps=steps)
+    payload["headline"] = headline(result)
     summary = _report(payload, out_dir, started=started, rebuilt=args.report_only)
     _common.print_summary(summary)
     return summary

@@ -28,12 +28,13 @@ from hypothesis import settings
 ENGINE_VARIABLE = "ADAPTIVE_DP_OPACUS_ENGINE"
 ENGINES = ("opacus", "adaptive")
 _OPACUS_ENGINE = opacus.privacy_engine.PrivacyEngine
+_ENGINE_KEY = pytest.StashKey[type]()
 
 # `--hypothesis-profile=opacus-suite-fast`: a few examples per property test instead of hypothesis' 100. The
 # first example hypothesis tries is the simplest one (all booleans False, smallest choices), e.g. σ = 0 and no
 # clipping in `test_compare_to_vanilla`.
 FAST_PROFILE = "opacus-suite-fast"
-settings.register_profile(FAST_PROFILE, max_examples=4)
+settings.register_profile(FAST_PROFILE, max_examples=6)
 
 
 def _chosen_engine() -> type:
@@ -83,6 +84,3 @@ def _record_engine(request: pytest.FixtureRequest, record_property) -> None:
     """Record the ``PrivacyEngine`` the test's module sees (``none`` when it imports none)."""
     engine = getattr(request.module, "PrivacyEngine", None)
     record_property("engine", engine_name(engine) if engine is not None else "none")
-
-
-_ENGINE_KEY = pytest.StashKey[type]()

@@ -66,7 +66,10 @@ class ResNet(nn.Module):
         for i, planes in enumerate(widths):
             inplanes = widths[max(i - 1, 0)]
             stride = 1 if i == 0 else 2
-            self.add_module(f"layer{i + 1}", nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)))
+            self.add_module(
+                f"layer{i + 1}",
+                nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)),
+            )
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512, num_classes)
         _init_like_torchvision(self)
@@ -105,7 +108,9 @@ class _DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, num_input_features: int, growth_rate: int = 32):
         super().__init__()
         for i in range(num_layers):
-            self.add_module(f"denselayer{i + 1}", _DenseLayer(num_input_features + i * growth_rate, growth_rate))
+            self.add_module(
+                f"denselayer{i + 1}", _DenseLayer(num_input_features + i * growth_rate, growth_rate)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
