@@ -46,10 +46,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "DistributedContext", "DistributedError", "RankTracker", "all_gather_object",
-    "barrier", "broadcast_object", "collective_errors", "distributed_poisson_loader", "exit_after_failure", "get_rank",
-    "get_world_size", "init_distributed", "is_distributed", "launched_by_torchrun",
-    "rank_history_path", "shutdown", "unwrap_distributed", "wrap_model",
+    "DEFAULT_TIMEOUT_S",
+    "DistributedContext",
+    "DistributedError",
+    "RankTracker",
+    "all_gather_object",
+    "barrier",
+    "broadcast_object",
+    "collective_errors",
+    "distributed_poisson_loader",
+    "exit_after_failure",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "launched_by_torchrun",
+    "rank_history_path",
+    "shutdown",
+    "unwrap_distributed",
+    "wrap_model",
 ]
 
 #: default bound (seconds) on joining the process group and on every collective.
@@ -109,14 +124,18 @@ def get_world_size() -> int:
 
 
 def _check_timeout(timeout_s: float) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-            math.isfinite(timeout_s) and timeout_s > 0):
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not (math.isfinite(timeout_s) and timeout_s > 0)
+    ):
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     return float(timeout_s)
 
 
-def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     device: str | None = None) -> DistributedContext:
+def init_distributed(
+    *, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = None
+) -> DistributedContext:
     """Join the process group described by torchrun's environment, with a bounded timeout.
 
     Args:
@@ -137,12 +156,19 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
     timeout_s = _check_timeout(timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
-        return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                                  backend=str(dist.get_backend()), timeout_s=timeout_s)
+        return DistributedContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            backend=str(dist.get_backend()),
+            timeout_s=timeout_s,
+        )
     missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
     if missing:
-        raise ValueError(f"no process group described: {', '.join(missing)} not set; launch with "
-                         "`torchrun --nproc_per_node=N -m adaptive_dp.cli train ...` (torchrun sets them)")
+        raise ValueError(
+            f"no process group described: {', '.join(missing)} not set; launch with "
+            "`torchrun --nproc_per_node=N -m adaptive_dp.cli train ...` (torchrun sets them)"
+        )
     cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
     backend = backend or ("nccl" if cuda else "gloo")
     if backend not in ("gloo", "nccl"):
@@ -158,8 +184,13 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
             f"{timeout_s:g} s ({type(exc).__name__}: {exc}); check that all {os.environ['WORLD_SIZE']} ranks "
             "were started and MASTER_ADDR/MASTER_PORT reach rank 0"
         ) from exc
-    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                              backend=backend, timeout_s=timeout_s)
+    return DistributedContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        backend=backend,
+        timeout_s=timeout_s,
+    )
 
 
 def shutdown() -> None:
@@ -260,8 +291,10 @@ def wrap_model(model: nn.Module) -> nn.Module:
         DistributedError: the initial broadcast failed.
     """
     if not is_distributed():
-        raise ValueError("wrap_model needs an initialised process group of > 1 process: call init_distributed() "
-                         "under torchrun first")
+        raise ValueError(
+            "wrap_model needs an initialised process group of > 1 process: call init_distributed() "
+            "under torchrun first"
+        )
     with collective_errors("broadcast of the initial parameters from rank 0"):
         return DPDDP(model)
 
@@ -295,13 +328,25 @@ def distributed_poisson_loader(private_loader: DataLoader, *, generator=None) ->
     """
     sampler = private_loader.batch_sampler
     if not isinstance(sampler, DistributedUniformWithReplacementSampler):
-        raise ValueError("expected the loader make_private returns for a distributed model (DPDDP-wrapped before "
-                         "make_private, poisson_sampling=True)")
-    batches = _EveryBatchSampler(total_size=sampler.total_size, sample_rate=sampler.sample_rate,
-                                 shuffle=sampler.shuffle, shuffle_seed=sampler.shuffle_seed,
-                                 steps=sampler.num_batches, generator=generator or sampler.generator)
-    loader = DataLoader(private_loader.dataset, batch_sampler=batches, collate_fn=private_loader.collate_fn,
-                        num_workers=private_loader.num_workers, pin_memory=private_loader.pin_memory)
+        raise ValueError(
+            "expected the loader make_private returns for a distributed model (DPDDP-wrapped before "
+            "make_private, poisson_sampling=True)"
+        )
+    batches = _EveryBatchSampler(
+        total_size=sampler.total_size,
+        sample_rate=sampler.sample_rate,
+        shuffle=sampler.shuffle,
+        shuffle_seed=sampler.shuffle_seed,
+        steps=sampler.num_batches,
+        generator=generator or sampler.generator,
+    )
+    loader = DataLoader(
+        private_loader.dataset,
+        batch_sampler=batches,
+        collate_fn=private_loader.collate_fn,
+        num_workers=private_loader.num_workers,
+        pin_memory=private_loader.pin_memory,
+    )
     loader.sample_rate = sampler.sample_rate
     loader.distributed = True
     return loader
@@ -317,7 +362,7 @@ class _EveryBatchSampler(DistributedUniformWithReplacementSampler):
             indices = torch.randperm(self.total_size, generator=g)
         else:
             indices = torch.arange(self.total_size)
-        indices = indices[self.rank: self.total_size: self.num_replicas]
+        indices = indices[self.rank : self.total_size : self.num_replicas]
         for _ in range(self.num_batches):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield indices[mask.nonzero(as_tuple=False).reshape(-1)]

@@ -160,11 +160,23 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         """
         options, opacus_kwargs = AdaptiveOptions.split(kwargs, adaptive=adaptive)
         return self._make_private(
-            options, None, module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_first=batch_first,
-            loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
-            noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, wrap_model=wrap_model,
-            rand_on_empty=rand_on_empty, **opacus_kwargs,
+            options,
+            None,
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            poisson_sampling=poisson_sampling,
+            clipping=clipping,
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            wrap_model=wrap_model,
+            rand_on_empty=rand_on_empty,
+            **opacus_kwargs,
         )
 
     def make_private_with_epsilon(
@@ -211,10 +223,21 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         options, opacus_kwargs = AdaptiveOptions.split(kwargs, adaptive=adaptive)
         budget = Budget(float(target_epsilon), float(target_delta), float(epochs))
         return self._make_private(
-            options, budget, module=module, optimizer=optimizer, criterion=criterion, data_loader=data_loader,
-            noise_multiplier=None, max_grad_norm=max_grad_norm, batch_first=batch_first,
-            loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
-            noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, wrap_model=wrap_model,
+            options,
+            budget,
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=None,
+            max_grad_norm=max_grad_norm,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            poisson_sampling=poisson_sampling,
+            clipping=clipping,
+            noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
+            wrap_model=wrap_model,
             **opacus_kwargs,
         )
 
@@ -224,7 +247,9 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         data_loader, audit = self._prepare_audit(options, data_loader)
         data_loader = self._prepare_input_canaries(options, data_loader)
         tolerance = opacus_kwargs.pop("epsilon_tolerance", 0.01)
-        plan = self._prepare_plan(options, budget, data_loader, opacus_kwargs.pop("noise_multiplier"), tolerance)
+        plan = self._prepare_plan(
+            options, budget, data_loader, opacus_kwargs.pop("noise_multiplier"), tolerance
+        )
         controller = self._prepare_controller(options, budget, plan, opacus_kwargs)
         if self.target_mi is not None and audit is None:  # a feedback controller instance, no audit data
             raise ValueError(
@@ -238,10 +263,18 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         module, optimizer, loader = out[0], out[1], out[-1]
         self._check_optimizer(optimizer, controller)
         self._module, self._optimizer, self.sample_rate = module, optimizer, 1 / len(loader)
-        monitor = self._prepare_monitor(options, audit, module, distributed=distributed, settings=opacus_kwargs)
+        monitor = self._prepare_monitor(
+            options, audit, module, distributed=distributed, settings=opacus_kwargs
+        )
         guard = self._prepare_guard(options, plan, monitor, controller)
         self.control_loop = self._prepare_loop(
-            options, budget, plan, controller=controller, monitor=monitor, distributed=distributed, guard=guard
+            options,
+            budget,
+            plan,
+            controller=controller,
+            monitor=monitor,
+            distributed=distributed,
+            guard=guard,
         )
         optimizer.attach_control_loop(self.control_loop)
         self._prepare_gradient_canaries(options, optimizer)
@@ -276,14 +309,17 @@ class AdaptivePrivacyEngine(PrivacyEngine):
                 "poisson_sampling=False: the accountant books q = 1/len(data_loader) as if batches were Poisson "
                 "samples, but shuffled fixed-size batches are not covered by that analysis, so the reported ε "
                 "does not hold for this run; keep poisson_sampling=True for a valid ε",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
 
     def _prepare_audit(self, options: AdaptiveOptions, data_loader: DataLoader) -> tuple[DataLoader, Any]:
         """The audit split, before the private loader exists (so q is computed on what is trained on)."""
         audit_data = options.audit_data
         if options.audit_fraction:
-            data_loader, audit_data = carve_audit_split(data_loader, fraction=options.audit_fraction, seed=options.seed)
+            data_loader, audit_data = carve_audit_split(
+                data_loader, fraction=options.audit_fraction, seed=options.seed
+            )
         if audit_data is None:
             return data_loader, None
         audit = as_audit_dataset(audit_data)
@@ -309,16 +345,28 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         from adaptive_dp.auditing import GradientCanaryRun, sgd_momentum
 
         if isinstance(optimizer.max_grad_norm, (list, tuple)):
-            raise ValueError("gradient canaries need one clipping norm (flat clipping); use canary_mode='input'")
+            raise ValueError(
+                "gradient canaries need one clipping norm (flat clipping); use canary_mode='input'"
+            )
         self.canary_run = GradientCanaryRun(
-            count=options.canaries, params=list(optimizer.params), max_grad_norm=float(optimizer.max_grad_norm),
-            sample_rate=self.sample_rate, seed=options.seed, kind=options.canary_kind,
+            count=options.canaries,
+            params=list(optimizer.params),
+            max_grad_norm=float(optimizer.max_grad_norm),
+            sample_rate=self.sample_rate,
+            seed=options.seed,
+            kind=options.canary_kind,
             momentum=sgd_momentum(optimizer),
         )
         self.canary_run.attach(optimizer)
 
-    def _prepare_plan(self, options: AdaptiveOptions, budget: Budget | None, data_loader: DataLoader,
-                      noise_multiplier: float | None, tolerance: float) -> Plan:
+    def _prepare_plan(
+        self,
+        options: AdaptiveOptions,
+        budget: Budget | None,
+        data_loader: DataLoader,
+        noise_multiplier: float | None,
+        tolerance: float,
+    ) -> Plan:
         """The initial noise multiplier (opacus' ``get_noise_multiplier`` under a budget) and the planned steps."""
         sample_rate = 1 / len(data_loader)
         if budget is None:
@@ -328,24 +376,32 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         if len(self.accountant) > 0:
             warnings.warn(
                 "make_private_with_epsilon called with privacy already spent; the budget filter counts only the "
-                "steps from now on", stacklevel=4,
+                "steps from now on",
+                stacklevel=4,
             )
         with warnings.catch_warnings():  # the search visits σ's whose best order is the largest
             warnings.filterwarnings("ignore", message="Optimal order is the")
             sigma = get_noise_multiplier(
-                target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=sample_rate,
-                epochs=budget.epochs, accountant=noise_search_accountant(self.accountant.mechanism()),
+                target_epsilon=budget.target_epsilon,
+                target_delta=budget.target_delta,
+                sample_rate=sample_rate,
+                epochs=budget.epochs,
+                accountant=noise_search_accountant(self.accountant.mechanism()),
                 epsilon_tolerance=tolerance,
             )
         return Plan(float(sigma), int(budget.epochs / sample_rate))
 
-    def _prepare_controller(self, options: AdaptiveOptions, budget: Budget | None, plan: Plan,
-                            opacus_kwargs: dict) -> Any:
+    def _prepare_controller(
+        self, options: AdaptiveOptions, budget: Budget | None, plan: Plan, opacus_kwargs: dict
+    ) -> Any:
         """Build the controller from its name, or check an instance against the keywords; set the σ bounds."""
         from adaptive_dp.control.build import resolve_controller
 
         controller, self.sigma_min, self.sigma_max, self.target_mi = resolve_controller(
-            options, initial=plan.noise_multiplier, total_steps=plan.total_steps, needs_bounds=budget is not None,
+            options,
+            initial=plan.noise_multiplier,
+            total_steps=plan.total_steps,
+            needs_bounds=budget is not None,
             default_bounds=(DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX),
         )
         if budget is not None:
@@ -359,10 +415,20 @@ class AdaptivePrivacyEngine(PrivacyEngine):
                 )
         return controller
 
-    def _prepare_optimizer(self, *, optimizer: optim.Optimizer, noise_multiplier: float,
-                           max_grad_norm: float | list[float], expected_batch_size: int,
-                           loss_reduction: str = "mean", distributed: bool = False, clipping: str = "flat",
-                           noise_generator=None, grad_sample_mode="hooks", **kwargs) -> DPOptimizer:
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer: optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float | list[float],
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        distributed: bool = False,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode="hooks",
+        **kwargs,
+    ) -> DPOptimizer:
         """opacus' optimizer dispatch, returning the adaptive subclass of opacus' choice."""
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
@@ -371,13 +437,25 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             clipping=clipping, distributed=distributed, grad_sample_mode=grad_sample_mode
         )
         return optim_class(
-            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator,
-            secure_mode=self.secure_mode, **kwargs,
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+            secure_mode=self.secure_mode,
+            **kwargs,
         )
 
-    def _prepare_monitor(self, options: AdaptiveOptions, audit: Any, private_module: Any, *, distributed: bool,
-                         settings: dict[str, Any]) -> Any:
+    def _prepare_monitor(
+        self,
+        options: AdaptiveOptions,
+        audit: Any,
+        private_module: Any,
+        *,
+        distributed: bool,
+        settings: dict[str, Any],
+    ) -> Any:
         """The leakage monitor on the audit split (rank 0 only under DDP; it reads through a hook-free copy).
 
         ``settings`` are the opacus keywords of the ``make_private`` call (criterion, clipping, wrap_model, ...).
@@ -395,13 +473,24 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         clipping = "per_layer" if settings.get("clipping") == "per_layer" else "flat"
         self._monitor_settings = {"watched": watched, "audit": audit, "clipping": clipping, **monitor_options}
         return LeakageMonitor(
-            watched, audit, max_grad_norm=clipping_norm(self._optimizer), estimator=options.estimator,
-            token_encoder=options.token_encoder, seed=options.seed, clipping=clipping, **monitor_options,
+            watched,
+            audit,
+            max_grad_norm=clipping_norm(self._optimizer),
+            estimator=options.estimator,
+            token_encoder=options.token_encoder,
+            seed=options.seed,
+            clipping=clipping,
+            **monitor_options,
         )
 
     def _prepare_guard(self, options: AdaptiveOptions, plan: Plan, monitor: Any, controller: Any) -> Any:
         """The blind-meter guard: a learned estimator steering σ is checked against the likelihood-ratio reference."""
-        if monitor is None or controller is None or options.estimator == "likelihood-ratio" or not options.meter_guard:
+        if (
+            monitor is None
+            or controller is None
+            or options.estimator == "likelihood-ratio"
+            or not options.meter_guard
+        ):
             return None
         from adaptive_dp.control.guard import MeterGuard
         from adaptive_dp.leakage.monitor import LeakageMonitor
@@ -410,29 +499,56 @@ class AdaptivePrivacyEngine(PrivacyEngine):
         watched, audit, clipping = settings.pop("watched"), settings.pop("audit"), settings.pop("clipping")
         settings = {k: v for k, v in settings.items() if k in ("loss_fn", "batch_size", "max_audit")}
         reference = LeakageMonitor(
-            watched, audit, max_grad_norm=clipping_norm(self._optimizer), estimator="likelihood-ratio",
-            seed=options.seed + 1, clipping=clipping, **settings,
+            watched,
+            audit,
+            max_grad_norm=clipping_norm(self._optimizer),
+            estimator="likelihood-ratio",
+            seed=options.seed + 1,
+            clipping=clipping,
+            **settings,
         )
-        return MeterGuard(reference=reference, noise_multiplier=plan.noise_multiplier, target_mi=self.target_mi)
+        return MeterGuard(
+            reference=reference, noise_multiplier=plan.noise_multiplier, target_mi=self.target_mi
+        )
 
-    def _prepare_loop(self, options: AdaptiveOptions, budget: Budget | None, plan: Plan, *, controller: Any,
-                      monitor: Any, distributed: bool, guard: Any) -> NoiseControlLoop:
+    def _prepare_loop(
+        self,
+        options: AdaptiveOptions,
+        budget: Budget | None,
+        plan: Plan,
+        *,
+        controller: Any,
+        monitor: Any,
+        distributed: bool,
+        guard: Any,
+    ) -> NoiseControlLoop:
         """The noise-control loop with its budget filter."""
         budget_filter = None
         delta = options.target_delta if options.target_delta is not None else DEFAULT_DELTA
         if budget is not None:
             delta = budget.target_delta
             budget_filter = RenyiFilter(
-                target_epsilon=budget.target_epsilon, target_delta=budget.target_delta, sample_rate=self.sample_rate,
+                target_epsilon=budget.target_epsilon,
+                target_delta=budget.target_delta,
+                sample_rate=self.sample_rate,
                 planned_steps=plan.total_steps,
             )
         self.options = options
         return NoiseControlLoop(
-            accountant=self.accountant, noise_multiplier=plan.noise_multiplier, controller=controller,
-            monitor=monitor, budget_filter=budget_filter, sigma_max=self.sigma_max, target_mi=self.target_mi,
-            monitor_every=options.monitor_every, target_delta=delta,
-            cheap_epsilon=self.accountant.mechanism() in _CHEAP_ACCOUNTANTS, on_exhausted=self._save_on_exhaustion,
-            distributed=distributed, guard=guard, sample_rate=self.sample_rate,
+            accountant=self.accountant,
+            noise_multiplier=plan.noise_multiplier,
+            controller=controller,
+            monitor=monitor,
+            budget_filter=budget_filter,
+            sigma_max=self.sigma_max,
+            target_mi=self.target_mi,
+            monitor_every=options.monitor_every,
+            target_delta=delta,
+            cheap_epsilon=self.accountant.mechanism() in _CHEAP_ACCOUNTANTS,
+            on_exhausted=self._save_on_exhaustion,
+            distributed=distributed,
+            guard=guard,
+            sample_rate=self.sample_rate,
             odometer=RenyiOdometer() if budget is None and data_adaptive(controller) else None,
         )
 
@@ -514,10 +630,14 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             RuntimeError: the run has no canaries (``make_private(..., canaries=M)``).
         """
         if self.canary_run is None:
-            raise RuntimeError("this run has no canaries: pass canaries=1000 (and canary_mode=) to make_private")
+            raise RuntimeError(
+                "this run has no canaries: pass canaries=1000 (and canary_mode=) to make_private"
+            )
         delta = self.target_delta if delta is None else float(delta)
         if self.options.canary_mode == "input":
-            model = self._module._module if isinstance(self._module, AbstractGradSampleModule) else self._module
+            model = (
+                self._module._module if isinstance(self._module, AbstractGradSampleModule) else self._module
+            )
             return self.canary_run.audit(model=model, delta=delta, confidence=confidence)
         return self.canary_run.audit(delta=delta, confidence=confidence)
 
@@ -540,42 +660,69 @@ class AdaptivePrivacyEngine(PrivacyEngine):
             ValueError: the saved state has a controller / monitor / filter this engine lacks (or the other way).
         """
         if self.control_loop is None:
-            raise RuntimeError("call make_private with the settings of the saved run before loading its state")
+            raise RuntimeError(
+                "call make_private with the settings of the saved run before loading its state"
+            )
         self.control_loop.load_state_dict(state)
         if (state.get("canaries") is None) != (self.canary_run is None):
-            raise ValueError("the checkpoint and this engine disagree on canaries; use the saved run's canaries=")
+            raise ValueError(
+                "the checkpoint and this engine disagree on canaries; use the saved run's canaries="
+            )
         if self.canary_run is not None:
             self.canary_run.load_state_dict(state["canaries"])
         if self.controller is not None and self._optimizer is not None:
             self._optimizer.noise_multiplier = self.control_loop.last_set_sigma
 
-    def save_checkpoint(self, *, path: str | os.PathLike | BinaryIO | IO[bytes], module: nn.Module,
-                        optimizer: DPOptimizer | None = None, noise_scheduler=None, grad_clip_scheduler=None,
-                        checkpoint_dict: dict[str, Any] | None = None,
-                        module_state_dict_kwargs: dict[str, Any] | None = None,
-                        torch_save_kwargs: dict[str, Any] | None = None):
+    def save_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike | BinaryIO | IO[bytes],
+        module: nn.Module,
+        optimizer: DPOptimizer | None = None,
+        noise_scheduler=None,
+        grad_clip_scheduler=None,
+        checkpoint_dict: dict[str, Any] | None = None,
+        module_state_dict_kwargs: dict[str, Any] | None = None,
+        torch_save_kwargs: dict[str, Any] | None = None,
+    ):
         """opacus' ``save_checkpoint``, plus the control loop's state under ``"adaptive_dp_state_dict"``."""
         checkpoint_dict = dict(checkpoint_dict or {})
         if self.control_loop is not None:
             checkpoint_dict["adaptive_dp_state_dict"] = self.adaptive_state_dict()
         return super().save_checkpoint(
-            path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-            grad_clip_scheduler=grad_clip_scheduler, checkpoint_dict=checkpoint_dict,
-            module_state_dict_kwargs=module_state_dict_kwargs, torch_save_kwargs=torch_save_kwargs,
+            path=path,
+            module=module,
+            optimizer=optimizer,
+            noise_scheduler=noise_scheduler,
+            grad_clip_scheduler=grad_clip_scheduler,
+            checkpoint_dict=checkpoint_dict,
+            module_state_dict_kwargs=module_state_dict_kwargs,
+            torch_save_kwargs=torch_save_kwargs,
         )
 
-    def load_checkpoint(self, *, path: str | os.PathLike | BinaryIO | IO[bytes], module: nn.Module,
-                        optimizer: DPOptimizer | None = None, noise_scheduler=None, grad_clip_scheduler=None,
-                        module_load_dict_kwargs: dict[str, Any] | None = None,
-                        torch_load_kwargs: dict[str, Any] | None = None) -> dict:
+    def load_checkpoint(
+        self,
+        *,
+        path: str | os.PathLike | BinaryIO | IO[bytes],
+        module: nn.Module,
+        optimizer: DPOptimizer | None = None,
+        noise_scheduler=None,
+        grad_clip_scheduler=None,
+        module_load_dict_kwargs: dict[str, Any] | None = None,
+        torch_load_kwargs: dict[str, Any] | None = None,
+    ) -> dict:
         """opacus' ``load_checkpoint``; also restores the control loop's state when the checkpoint has it.
 
         Call it after ``make_private`` with the settings of the run that saved the checkpoint; the next step then
         gets the σ and the ε it would have had without the interruption.
         """
         checkpoint = super().load_checkpoint(
-            path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-            grad_clip_scheduler=grad_clip_scheduler, module_load_dict_kwargs=module_load_dict_kwargs,
+            path=path,
+            module=module,
+            optimizer=optimizer,
+            noise_scheduler=noise_scheduler,
+            grad_clip_scheduler=grad_clip_scheduler,
+            module_load_dict_kwargs=module_load_dict_kwargs,
             torch_load_kwargs=torch_load_kwargs,
         )
         state = checkpoint.pop("adaptive_dp_state_dict", None)

@@ -39,12 +39,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small configuration: ≤ 3 minutes on 2 cores")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiniest configuration (seconds; checks the plumbing, the numbers mean nothing)")
-    parser.add_argument("--data-dir", default=None, help=f"data root (default ${DATA_ENV}, else ../shared/data)")
-    parser.add_argument("--out-dir", default=None,
-                        help="where the .json/.md/.png go (default benchmarks/results; --smoke: a new temporary "
-                             "folder, so a smoke run never touches the committed results)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiniest configuration (seconds; checks the plumbing, the numbers mean nothing)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help=f"data root (default ${DATA_ENV}, else ../shared/data)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where the .json/.md/.png go (default benchmarks/results; --smoke: a new temporary "
+        "folder, so a smoke run never touches the committed results)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data subsets, models and noise")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     return parser
@@ -174,12 +182,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digi
     return "\n".join(lines)
 
 
-def provenance_block(*, quick: bool, started: float, extra: dict[str, Any] | None = None, smoke: bool = False) -> str:
+def provenance_block(
+    *, quick: bool, started: float, extra: dict[str, Any] | None = None, smoke: bool = False
+) -> str:
     """The Markdown lines every result file starts with: mode, exact command, machine, wall time."""
     machine = machine_description()
     gpu = machine["gpu"] or "no GPU"
-    mode = ("SMOKE (`--smoke`: the plumbing only, the numbers mean nothing)" if smoke
-            else "QUICK (`--quick`: a small configuration, not the full benchmark)" if quick else "full")
+    mode = (
+        "SMOKE (`--smoke`: the plumbing only, the numbers mean nothing)"
+        if smoke
+        else "QUICK (`--quick`: a small configuration, not the full benchmark)"
+        if quick
+        else "full"
+    )
     lines = [
         f"- **Mode:** {mode}",
         f"- **Command:** `{command_line()}`",
@@ -229,8 +244,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(_clean(summary), separators=(",", ":")), flush=True)
 
 
-def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool, smoke: bool = False
-                   ) -> dict[str, dict]:
+def merge_previous(
+    path: Path, by_dataset: dict[str, dict], *, quick: bool, smoke: bool = False
+) -> dict[str, dict]:
     """Per-data-set results of an earlier invocation of the same mode (smoke, quick or full) at ``path``,
     updated with ``by_dataset``: full runs may be split by ``--dataset`` and still end in one set of result
     files. An unreadable or other-mode file is ignored."""
@@ -249,13 +265,17 @@ def merge_previous(path: Path, by_dataset: dict[str, dict], *, quick: bool, smok
 
 def add_report_only(parser: argparse.ArgumentParser) -> None:
     """``--report-only``: run nothing, rebuild the result files from the committed JSON."""
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: rebuild the .json headline, .md and .png from the committed .json with "
-                             "the current report code")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild the .json headline, .md and .png from the committed .json with "
+        "the current report code",
+    )
 
 
-def per_dataset_results(args: argparse.Namespace, json_path: Path, datasets: list[str],
-                        run: Callable[[str], dict]) -> tuple[dict[str, dict], float]:
+def per_dataset_results(
+    args: argparse.Namespace, json_path: Path, datasets: list[str], run: Callable[[str], dict]
+) -> tuple[dict[str, dict], float]:
     """The per-data-set results a validation script reports, and the wall time to print.
 
     Runs ``run(name)`` for each data set (stamping each result with the command that produced it) and merges
@@ -269,7 +289,9 @@ def per_dataset_results(args: argparse.Namespace, json_path: Path, datasets: lis
     if getattr(args, "report_only", False):
         by_dataset = merge_previous(json_path, {}, quick=args.quick, smoke=args.smoke)
         if not by_dataset:
-            raise SystemExit(f"--report-only: no {'quick' if args.quick else 'full'}-mode results in {json_path}")
+            raise SystemExit(
+                f"--report-only: no {'quick' if args.quick else 'full'}-mode results in {json_path}"
+            )
         return by_dataset, started - sum(float(d.get("seconds", 0.0)) for d in by_dataset.values())
     by_dataset = {}
     for name in datasets:
@@ -283,5 +305,7 @@ def dataset_command(script: str, name: str, result: dict) -> str:
     return result.get("command") or f"python benchmarks/{script} --dataset {name}"
 
 
-REBUILT_NOTE = {"Report": "rebuilt from the committed JSON (`--report-only`); the wall time is the data sets' "
-                          "run times summed, the run commands are on each data set's line"}
+REBUILT_NOTE = {
+    "Report": "rebuilt from the committed JSON (`--report-only`); the wall time is the data sets' "
+    "run times summed, the run commands are on each data set's line"
+}

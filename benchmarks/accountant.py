@@ -101,7 +101,9 @@ def bench_floor(*, planned_steps: int) -> dict:
     from adaptive_dp.accountants.filter import RenyiFilter
 
     t0 = time.perf_counter()
-    filt = RenyiFilter(target_epsilon=3.0, target_delta=DELTA, sample_rate=SAMPLE_RATE, planned_steps=planned_steps)
+    filt = RenyiFilter(
+        target_epsilon=3.0, target_delta=DELTA, sample_rate=SAMPLE_RATE, planned_steps=planned_steps
+    )
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(SEED)
     times, charge_times = [], []
@@ -250,8 +252,14 @@ QUICK = Sizes(rdp=(100, 300, 1000), prv=(100,), grid_ratio=1.05, floor_steps=100
 SMOKE = Sizes(ours=(100, 300), rdp=(100,), prv=(), grid_ratio=1.05, floor_steps=200, ref=300)
 
 
-def summarize(ours: dict, opacus_rdp: list[dict], opacus_prv: list[dict], prv_grid: tuple[float, float],
-              floor: dict, sizes: Sizes) -> dict:
+def summarize(
+    ours: dict,
+    opacus_rdp: list[dict],
+    opacus_prv: list[dict],
+    prv_grid: tuple[float, float],
+    floor: dict,
+    sizes: Sizes,
+) -> dict:
     """The headline figures; ``*_ms_<top>`` / ``*_<ref>`` keys name the steps they were measured at."""
     ours_by = {r["steps"]: r for r in ours["rows"]}
     top, ref = ours_by[sizes.top], ours_by[sizes.ref]
@@ -294,7 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
     opacus_rdp = bench_opacus_rdp(sigmas, list(sizes.rdp))
     opacus_prv = bench_opacus_prv(sigmas, list(sizes.prv), limit_s=60.0)
     t0 = time.perf_counter()
-    prv_grid = (prv_epsilon(ours["history"], delta=DELTA, grid_ratio=sizes.grid_ratio), time.perf_counter() - t0)
+    prv_grid = (
+        prv_epsilon(ours["history"], delta=DELTA, grid_ratio=sizes.grid_ratio),
+        time.perf_counter() - t0,
+    )
     floor = bench_floor(planned_steps=sizes.floor_steps)
     summary = summarize(ours, opacus_rdp, opacus_prv, prv_grid, floor, sizes)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -314,8 +325,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_outputs(result, Path(args.out_dir))
     headline = {"benchmark": "accountant", "mode": mode}
-    for key in (f"ours_ms_{sizes.top}", "speedup_vs_opacus_rdp", "max_rel_diff", "floor_ms_median",
-                "speedup_measured"):
+    for key in (
+        f"ours_ms_{sizes.top}",
+        "speedup_vs_opacus_rdp",
+        "max_rel_diff",
+        "floor_ms_median",
+        "speedup_measured",
+    ):
         headline[key] = summary[key]
     _common.print_summary(headline)
     return result

@@ -59,8 +59,18 @@ BATCH = 256
 AUDIT_FRACTION = 0.02  # the CLI's default audit split
 MONITOR_EVERY = 10
 TARGET_MI = 0.5
-PHASES = ("data", "forward_backward", "clip", "noise", "clip_noise", "accountant", "booking_update", "update",
-          "monitor", "logging")
+PHASES = (
+    "data",
+    "forward_backward",
+    "clip",
+    "noise",
+    "clip_noise",
+    "accountant",
+    "booking_update",
+    "update",
+    "monitor",
+    "logging",
+)
 TARGETS = {"dp_pid_vs_opacus_fastest": 1.1, "nonprivate_vs_floor": 1.5}
 WARMUP_STEPS = 2
 
@@ -207,9 +217,17 @@ def _opacus(mode: str, base, train, *, seed: int) -> Setup:
     model = copy.deepcopy(base)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     out = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=_loader(train, seed=seed),
-        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
-    criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()  # ghost clipping returns its loss wrapper
+        module=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=_loader(train, seed=seed),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+    )
+    criterion = (
+        out[2] if mode == "ghost" else nn.CrossEntropyLoss()
+    )  # ghost clipping returns its loss wrapper
     setup = Setup(f"opacus_{mode}", out[0], out[1], criterion, _cycle(out[-1]), after_step="update")
     _time_accountant(setup.optimizer, setup.clock, before="clip_noise")
     return setup
@@ -228,12 +246,24 @@ def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker) -> Setup:
     with warnings.catch_warnings():  # "target_mi without a privacy budget": the odometer is all we time
         warnings.simplefilter("ignore", UserWarning)
         out = engine.make_private(
-            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=_loader(train, seed=seed),
-            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, target_mi=TARGET_MI, controller="pid",
-            audit_data=audit, monitor_every=MONITOR_EVERY, seed=seed)
+            module=model,
+            optimizer=optimizer,
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=_loader(train, seed=seed),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            target_mi=TARGET_MI,
+            controller="pid",
+            audit_data=audit,
+            monitor_every=MONITOR_EVERY,
+            seed=seed,
+        )
     model, optimizer, loader = out[0], out[1], out[-1]
     criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()
-    setup = Setup(f"dp_pid_{mode}", model, optimizer, criterion, _cycle(loader), after_step="monitor", engine=engine)
+    setup = Setup(
+        f"dp_pid_{mode}", model, optimizer, criterion, _cycle(loader), after_step="monitor", engine=engine
+    )
     optimizer.attach_pre_noise_hook(lambda _: setup.clock.lap("clip"))
     _time_accountant(optimizer, setup.clock, before="noise")
     optimizer.attach_post_step_hook(lambda _: setup.clock.lap("booking_update"))
@@ -251,9 +281,14 @@ def _cli_logger(engine, optimizer, tracker, *, sample_rate: float):
         state["step"] += 1
         loss.item()  # the CLI reads the batch loss for its progress bar
         record = make_step_record(
-            step=state["step"], epoch=1, noise_multiplier=optimizer.noise_multiplier,
-            epsilon=step_epsilon(engine, 1e-5), sample_rate=sample_rate, lr=optimizer.param_groups[0]["lr"],
-            **adaptive_fields(engine))
+            step=state["step"],
+            epoch=1,
+            noise_multiplier=optimizer.noise_multiplier,
+            epsilon=step_epsilon(engine, 1e-5),
+            sample_rate=sample_rate,
+            lr=optimizer.param_groups[0]["lr"],
+            **adaptive_fields(engine),
+        )
         tracker.log_step(record)
 
     return log
@@ -265,15 +300,22 @@ def build_setups(model_name: str, data, *, args, tracker) -> dict[str, Setup]:
 
     train, audit, info = data
     seed = args.seed
-    base = build_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
-                       image_size=info.image_size, seed=seed)
+    base = build_model(
+        model_name,
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        image_size=info.image_size,
+        seed=seed,
+    )
     premade = _premade(train, seed=seed, count=min(args.steps + WARMUP_STEPS, len(train) // BATCH))
     return {
         "floor": _plain("floor", base, premade),
         "nonprivate": _plain("nonprivate", base, _cycle(_loader(train, seed=seed))),
         **{f"opacus_{m}": _opacus(m, base, train, seed=seed) for m in args.modes},
-        **{f"dp_pid_{m}": _dp_pid(base, train, audit, seed=seed, mode=m, tracker=tracker)
-           for m in args.adaptive_modes},
+        **{
+            f"dp_pid_{m}": _dp_pid(base, train, audit, seed=seed, mode=m, tracker=tracker)
+            for m in args.adaptive_modes
+        },
     }
 
 
@@ -292,9 +334,13 @@ def time_setups(setups: dict[str, Setup], *, steps: int, block: int, label: str)
         for name in names[shift:] + names[:shift]:
             setups[name].run(n, timed=True)
         done += n
-        print(f"  {label}: {done}/{steps} steps: " + ", ".join(
-            f"{k} {v.block_cpu[-1] * 1e3:.0f}" for k, v in setups.items()) + " CPU ms/step",
-            file=sys.stderr, flush=True)
+        print(
+            f"  {label}: {done}/{steps} steps: "
+            + ", ".join(f"{k} {v.block_cpu[-1] * 1e3:.0f}" for k, v in setups.items())
+            + " CPU ms/step",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def summarize(setup: Setup, *, steps_per_epoch: int) -> dict[str, Any]:
@@ -302,19 +348,25 @@ def summarize(setup: Setup, *, steps_per_epoch: int) -> dict[str, Any]:
     cpu = {p: 1e3 * setup.clock.cpu.get(p, 0.0) / setup.steps for p in PHASES if p in setup.clock.cpu}
     wall = {p: 1e3 * setup.clock.wall.get(p, 0.0) / setup.steps for p in PHASES if p in setup.clock.wall}
     out = {
-        "steps": setup.steps, "cpu_ms": cpu, "wall_ms": wall,
-        "cpu_ms_per_step": sum(cpu.values()), "wall_ms_per_step": sum(wall.values()),
+        "steps": setup.steps,
+        "cpu_ms": cpu,
+        "wall_ms": wall,
+        "cpu_ms_per_step": sum(cpu.values()),
+        "wall_ms_per_step": sum(wall.values()),
         "epoch_cpu_s": sum(cpu.values()) * steps_per_epoch / 1e3,
         "epoch_wall_s": sum(wall.values()) * steps_per_epoch / 1e3,
         "block_cpu_ms": [1e3 * b for b in setup.block_cpu],
     }
     if setup.engine is not None:
-        timed = setup.engine.history[-setup.steps:]
+        timed = setup.engine.history[-setup.steps :]
         readings = sum(1 for r in timed if r.get("mi") is not None)
         out["readings"] = readings
         out["monitor_ms_per_reading"] = cpu.get("monitor", 0.0) * setup.steps / readings if readings else None
         out["engine_cpu_ms_per_step"] = out["cpu_ms_per_step"] - cpu.get("logging", 0.0)
-        out["sigma_range"] = [min(r["noise_multiplier"] for r in timed), max(r["noise_multiplier"] for r in timed)]
+        out["sigma_range"] = [
+            min(r["noise_multiplier"] for r in timed),
+            max(r["noise_multiplier"] for r in timed),
+        ]
     return out
 
 
@@ -335,13 +387,18 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
         "dp_pid_vs_opacus_fastest_paired": statistics.median(paired),
         "dp_pid_logged_vs_opacus_fastest": dp["cpu_ms_per_step"] / fast["cpu_ms_per_step"],
         "dp_pid_vs_opacus_same_mode": {
-            k: v["engine_cpu_ms_per_step"] / rows[f"opacus_{k[len('dp_pid_'):]}"]["cpu_ms_per_step"]
-            for k, v in adaptive.items() if f"opacus_{k[len('dp_pid_'):]}" in rows},
+            k: v["engine_cpu_ms_per_step"] / rows[f"opacus_{k[len('dp_pid_') :]}"]["cpu_ms_per_step"]
+            for k, v in adaptive.items()
+            if f"opacus_{k[len('dp_pid_') :]}" in rows
+        },
         "nonprivate_vs_floor": rows["nonprivate"]["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
         "opacus_fastest_vs_floor": fast["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
         "dp_pid_vs_floor": dp["cpu_ms_per_step"] / floor["cpu_ms_per_step"],
-        "per_sample_gradients_ms": {k: v["cpu_ms"]["forward_backward"] - floor["cpu_ms"]["forward_backward"]
-                                    for k, v in rows.items() if k not in ("floor", "nonprivate")},
+        "per_sample_gradients_ms": {
+            k: v["cpu_ms"]["forward_backward"] - floor["cpu_ms"]["forward_backward"]
+            for k, v in rows.items()
+            if k not in ("floor", "nonprivate")
+        },
     }
 
 
@@ -363,8 +420,13 @@ def bench_model(model_name: str, data, *, args, log_dir: Path) -> dict[str, Any]
 
 def _cli_options() -> str:
     """``adaptive-dp train --help``: which options this checkout's CLI has (``--non-private`` may be missing)."""
-    result = subprocess.run([sys.executable, "-m", "adaptive_dp.cli", "train", "--help"], capture_output=True,
-                            text=True, cwd=_common.REPO_ROOT, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptive_dp.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=_common.REPO_ROOT,
+        check=False,
+    )
     return result.stdout
 
 
@@ -374,7 +436,16 @@ def time_cli(*, data_dir: str | None, threads: int, seed: int, mode: str, work: 
     runs in ``mode`` where the CLI takes ``--grad-sample-mode`` (else in its only mode, hooks)."""
     import resource
 
-    runs = {"dp_pid": ["--target-mi", str(TARGET_MI), "--controller", "pid", "--monitor-every", str(MONITOR_EVERY)]}
+    runs = {
+        "dp_pid": [
+            "--target-mi",
+            str(TARGET_MI),
+            "--controller",
+            "pid",
+            "--monitor-every",
+            str(MONITOR_EVERY),
+        ]
+    }
     options = _cli_options()
     out: dict[str, Any] = {"dp_pid_mode": mode if "--grad-sample-mode" in options else "hooks"}
     if "--grad-sample-mode" in options:
@@ -382,33 +453,70 @@ def time_cli(*, data_dir: str | None, threads: int, seed: int, mode: str, work: 
     if "--non-private" in options:
         runs["nonprivate"] = ["--non-private"]
     else:
-        out["nonprivate"] = {"available": False, "note": "this checkout's `adaptive-dp train` has no --non-private"}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ADAPTIVE_DP_DATA": str(_common.data_root(data_dir)),
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        out["nonprivate"] = {
+            "available": False,
+            "note": "this checkout's `adaptive-dp train` has no --non-private",
+        }
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "ADAPTIVE_DP_DATA": str(_common.data_root(data_dir)),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
     for name, extra in runs.items():
-        command = ["adaptive-dp", "train", "--dataset", "cifar10", "--model", "small-cnn", "--epochs", "1",
-                   "--batch-size", str(BATCH), "--seed", str(seed), "--no-progress", "--wandb-mode", "offline",
-                   "--out", str(work / name), *extra]
+        command = [
+            "adaptive-dp",
+            "train",
+            "--dataset",
+            "cifar10",
+            "--model",
+            "small-cnn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(BATCH),
+            "--seed",
+            str(seed),
+            "--no-progress",
+            "--wandb-mode",
+            "offline",
+            "--out",
+            str(work / name),
+            *extra,
+        ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "adaptive_dp.cli", *command[1:]], env=env, cwd=_common.REPO_ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "adaptive_dp.cli", *command[1:]],
+            env=env,
+            cwd=_common.REPO_ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = json.loads((work / name / "summary.json").read_text(encoding="utf-8"))
-        out[name] = {"available": True, "command": " ".join(command[:-2 - len(extra)] + extra),
-                     "epoch_wall_s": summary["epoch_times_s"][0], "steps": summary["steps"],
-                     "process_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+        out[name] = {
+            "available": True,
+            "command": " ".join(command[: -2 - len(extra)] + extra),
+            "epoch_wall_s": summary["epoch_times_s"][0],
+            "steps": summary["steps"],
+            "process_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        }
     return out
 
 
 def cli_ratios(cli: dict[str, Any], rows: dict[str, dict]) -> dict[str, Any]:
     """CLI epoch (wall) over the hand-written loop's epoch (wall per step × the CLI's steps)."""
+
     def loop_epoch(name: str, steps: int) -> float:
         return rows[name]["wall_ms_per_step"] * steps / 1e3
 
     loop = f"dp_pid_{cli['dp_pid_mode']}"
     out = {"cli_dp_pid_vs_loop_wall": None, "cli_nonprivate_vs_floor_wall": None}
     if loop in rows:
-        out["cli_dp_pid_vs_loop_wall"] = cli["dp_pid"]["epoch_wall_s"] / loop_epoch(loop, cli["dp_pid"]["steps"])
+        out["cli_dp_pid_vs_loop_wall"] = cli["dp_pid"]["epoch_wall_s"] / loop_epoch(
+            loop, cli["dp_pid"]["steps"]
+        )
     if cli["nonprivate"]["available"]:
         run = cli["nonprivate"]
         out["cli_nonprivate_vs_floor_wall"] = run["epoch_wall_s"] / loop_epoch("floor", run["steps"])
@@ -419,61 +527,112 @@ def cli_ratios(cli: dict[str, Any], rows: dict[str, dict]) -> dict[str, Any]:
 
 
 #: the report's columns: (title, phases summed)
-COLUMNS = (("data", ("data",)), ("forward + backward", ("forward_backward",)),
-           ("clip + noise", ("clip", "noise", "clip_noise")), ("accountant", ("accountant",)),
-           ("update (DP + PID: + booking)", ("update", "booking_update")), ("monitor", ("monitor",)),
-           ("logging", ("logging",)))
+COLUMNS = (
+    ("data", ("data",)),
+    ("forward + backward", ("forward_backward",)),
+    ("clip + noise", ("clip", "noise", "clip_noise")),
+    ("accountant", ("accountant",)),
+    ("update (DP + PID: + booking)", ("update", "booking_update")),
+    ("monitor", ("monitor",)),
+    ("logging", ("logging",)),
+)
 
 
 def _breakdown_table(model: dict[str, Any]) -> str:
     fastest_name = model["opacus_fastest"]
-    header = ["set-up", *(title for title, _ in COLUMNS), "of which per-sample grads", "total", "wall total",
-              f"epoch CPU s ({model['steps_per_epoch']} steps)", "× floor", f"× {fastest_name}"]
+    header = [
+        "set-up",
+        *(title for title, _ in COLUMNS),
+        "of which per-sample grads",
+        "total",
+        "wall total",
+        f"epoch CPU s ({model['steps_per_epoch']} steps)",
+        "× floor",
+        f"× {fastest_name}",
+    ]
     rows = model["setups"]
     floor, fastest = rows["floor"]["cpu_ms_per_step"], rows[fastest_name]["cpu_ms_per_step"]
     table = []
     for name, r in rows.items():
-        cells = [sum(r["cpu_ms"][p] for p in phases if p in r["cpu_ms"])
-                 if any(p in r["cpu_ms"] for p in phases) else None for _, phases in COLUMNS]
-        table.append([f"`{name}`", *cells, model["per_sample_gradients_ms"].get(name), r["cpu_ms_per_step"],
-                      r["wall_ms_per_step"], r["epoch_cpu_s"], r["cpu_ms_per_step"] / floor,
-                      r["cpu_ms_per_step"] / fastest])
+        cells = [
+            sum(r["cpu_ms"][p] for p in phases if p in r["cpu_ms"])
+            if any(p in r["cpu_ms"] for p in phases)
+            else None
+            for _, phases in COLUMNS
+        ]
+        table.append(
+            [
+                f"`{name}`",
+                *cells,
+                model["per_sample_gradients_ms"].get(name),
+                r["cpu_ms_per_step"],
+                r["wall_ms_per_step"],
+                r["epoch_cpu_s"],
+                r["cpu_ms_per_step"] / floor,
+                r["cpu_ms_per_step"] / fastest,
+            ]
+        )
     return markdown_table(header, table)
 
 
 def markdown(payload: dict[str, Any], *, started: float) -> str:
-    extra = {"Data": payload["data"], "Set-ups": "see the script's docstring; CPU ms per step per phase (process "
-             "CPU time, one torch thread; wall total beside it), interleaved blocks of "
-             f"{payload['block']} steps, {payload['steps']} timed steps per set-up after {WARMUP_STEPS} warm-up steps"}
+    extra = {
+        "Data": payload["data"],
+        "Set-ups": "see the script's docstring; CPU ms per step per phase (process "
+        "CPU time, one torch thread; wall total beside it), interleaved blocks of "
+        f"{payload['block']} steps, {payload['steps']} timed steps per set-up after {WARMUP_STEPS} warm-up steps",
+    }
     mode = " (SMOKE MODE)" if payload["smoke"] else " (QUICK MODE)" if payload["quick"] else ""
-    lines = [f"# Epoch-time breakdown{mode}", "",
-             _common.provenance_block(quick=payload["quick"], smoke=payload["smoke"], started=started, extra=extra),
-             "", "Milliseconds per step (CPU) per phase:", ""]
+    lines = [
+        f"# Epoch-time breakdown{mode}",
+        "",
+        _common.provenance_block(
+            quick=payload["quick"], smoke=payload["smoke"], started=started, extra=extra
+        ),
+        "",
+        "Milliseconds per step (CPU) per phase:",
+        "",
+    ]
     for name, model in payload["models"].items():
         dp = model["setups"][model["dp_pid_fastest"]]
         same = ", ".join(f"{k} {v:.3f}" for k, v in model["dp_pid_vs_opacus_same_mode"].items())
-        lines += [f"## {name}", "", _breakdown_table(model), "",
-                  f"- {model['dp_pid_fastest']} (without logging) / {model['opacus_fastest']}: "
-                  f"**{model['dp_pid_vs_opacus_fastest']:.3f}** (paired per round "
-                  f"{model['dp_pid_vs_opacus_fastest_paired']:.3f}; with logging "
-                  f"{model['dp_pid_logged_vs_opacus_fastest']:.3f}; target ≤ {TARGETS['dp_pid_vs_opacus_fastest']}); "
-                  f"DP + PID / opacus in the same mode: {same}.",
-                  f"- Non-private loop with the DataLoader / floor: **{model['nonprivate_vs_floor']:.3f}** (target ≤ "
-                  f"{TARGETS['nonprivate_vs_floor']}); fastest opacus / floor {model['opacus_fastest_vs_floor']:.2f}; "
-                  f"DP + PID / floor {model['dp_pid_vs_floor']:.2f}.",
-                  f"- Monitor: {dp['readings']} readings, {fmt(dp['monitor_ms_per_reading'])} CPU ms each; σ "
-                  f"{dp['sigma_range'][0]:.3g}–{dp['sigma_range'][1]:.3g} over the timed steps.", ""]
+        lines += [
+            f"## {name}",
+            "",
+            _breakdown_table(model),
+            "",
+            f"- {model['dp_pid_fastest']} (without logging) / {model['opacus_fastest']}: "
+            f"**{model['dp_pid_vs_opacus_fastest']:.3f}** (paired per round "
+            f"{model['dp_pid_vs_opacus_fastest_paired']:.3f}; with logging "
+            f"{model['dp_pid_logged_vs_opacus_fastest']:.3f}; target ≤ {TARGETS['dp_pid_vs_opacus_fastest']}); "
+            f"DP + PID / opacus in the same mode: {same}.",
+            f"- Non-private loop with the DataLoader / floor: **{model['nonprivate_vs_floor']:.3f}** (target ≤ "
+            f"{TARGETS['nonprivate_vs_floor']}); fastest opacus / floor {model['opacus_fastest_vs_floor']:.2f}; "
+            f"DP + PID / floor {model['dp_pid_vs_floor']:.2f}.",
+            f"- Monitor: {dp['readings']} readings, {fmt(dp['monitor_ms_per_reading'])} CPU ms each; σ "
+            f"{dp['sigma_range'][0]:.3g}–{dp['sigma_range'][1]:.3g} over the timed steps.",
+            "",
+        ]
     cli = payload.get("cli")
     if cli:
         lines += ["## `adaptive-dp train`, one epoch (wall time from summary.json)", ""]
         for name, run in cli.items():
             if not isinstance(run, dict):
                 continue
-            lines.append(f"- {name}: " + (f"`{run['command']}`: {run['epoch_wall_s']:.1f} s for {run['steps']} "
-                                          f"steps (whole process {run['process_cpu_s']:.1f} CPU s)"
-                                          if run["available"] else run["note"]))
-        lines += [f"- CLI DP + PID epoch / hand-written loop (wall): {fmt(cli['cli_dp_pid_vs_loop_wall'])}; CLI "
-                  f"non-private epoch / floor (wall): {fmt(cli['cli_nonprivate_vs_floor_wall'])}.", ""]
+            lines.append(
+                f"- {name}: "
+                + (
+                    f"`{run['command']}`: {run['epoch_wall_s']:.1f} s for {run['steps']} "
+                    f"steps (whole process {run['process_cpu_s']:.1f} CPU s)"
+                    if run["available"]
+                    else run["note"]
+                )
+            )
+        lines += [
+            f"- CLI DP + PID epoch / hand-written loop (wall): {fmt(cli['cli_dp_pid_vs_loop_wall'])}; CLI "
+            f"non-private epoch / floor (wall): {fmt(cli['cli_nonprivate_vs_floor_wall'])}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -482,13 +641,19 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
     models = payload["models"]
     cli = payload.get("cli") or {}
     return {
-        "benchmark": NAME, "quick": payload["quick"], "smoke": payload["smoke"],
-        **{key: max(m[key] for m in models.values()) for key in (
-            "dp_pid_vs_opacus_fastest", "dp_pid_vs_opacus_fastest_paired", "nonprivate_vs_floor")},
+        "benchmark": NAME,
+        "quick": payload["quick"],
+        "smoke": payload["smoke"],
+        **{
+            key: max(m[key] for m in models.values())
+            for key in ("dp_pid_vs_opacus_fastest", "dp_pid_vs_opacus_fastest_paired", "nonprivate_vs_floor")
+        },
         "opacus_fastest": {k: m["opacus_fastest"] for k, m in models.items()},
         "dp_pid_fastest": {k: m["dp_pid_fastest"] for k, m in models.items()},
         "dp_pid_vs_opacus_same_mode": {k: m["dp_pid_vs_opacus_same_mode"] for k, m in models.items()},
-        "epoch_cpu_s": {k: {s: round(r["epoch_cpu_s"], 2) for s, r in m["setups"].items()} for k, m in models.items()},
+        "epoch_cpu_s": {
+            k: {s: round(r["epoch_cpu_s"], 2) for s, r in m["setups"].items()} for k, m in models.items()
+        },
         "cli_dp_pid_vs_loop_wall": cli.get("cli_dp_pid_vs_loop_wall"),
         "cli_nonprivate_vs_floor_wall": cli.get("cli_nonprivate_vs_floor_wall"),
         "seconds": payload["seconds"],
@@ -497,17 +662,39 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None,
-                        help="models (default: small-cnn tanh-cnn; --quick and --smoke: small-cnn)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per set-up (default: one epoch; --quick 40, --smoke 4)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="models (default: small-cnn tanh-cnn; --quick and --smoke: small-cnn)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per set-up (default: one epoch; --quick 40, --smoke 4)",
+    )
     parser.add_argument("--block", type=int, default=None, help="steps per interleaved block (default 10)")
-    parser.add_argument("--modes", nargs="+", default=["hooks", "functorch", "ghost"],
-                        choices=["hooks", "functorch", "ew", "ghost"], help="plain opacus' grad_sample_modes")
-    parser.add_argument("--adaptive-modes", nargs="+", default=["hooks", "ghost"],
-                        choices=["hooks", "functorch", "ew", "ghost"], help="the DP + PID set-ups' grad_sample_modes")
-    parser.add_argument("--wandb-mode", default="offline", choices=["offline", "disabled"],
-                        help="W&B mode of the DP + PID set-up's logging (the CLI's default: offline)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["hooks", "functorch", "ghost"],
+        choices=["hooks", "functorch", "ew", "ghost"],
+        help="plain opacus' grad_sample_modes",
+    )
+    parser.add_argument(
+        "--adaptive-modes",
+        nargs="+",
+        default=["hooks", "ghost"],
+        choices=["hooks", "functorch", "ew", "ghost"],
+        help="the DP + PID set-ups' grad_sample_modes",
+    )
+    parser.add_argument(
+        "--wandb-mode",
+        default="offline",
+        choices=["offline", "disabled"],
+        help="W&B mode of the DP + PID set-up's logging (the CLI's default: offline)",
+    )
     parser.add_argument("--no-cli", action="store_true", help="full mode: skip timing `adaptive-dp train`")
     args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
@@ -523,13 +710,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cli = None
         if not (args.quick or args.smoke or args.no_cli):
             small = models["small-cnn"]
-            cli = time_cli(data_dir=args.data_dir, threads=args.threads, seed=args.seed, work=Path(tmp) / "cli",
-                           mode=small["dp_pid_fastest"][len("dp_pid_"):])
+            cli = time_cli(
+                data_dir=args.data_dir,
+                threads=args.threads,
+                seed=args.seed,
+                work=Path(tmp) / "cli",
+                mode=small["dp_pid_fastest"][len("dp_pid_") :],
+            )
             cli.update(cli_ratios(cli, models["small-cnn"]["setups"]))
-    payload = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "command": _common.command_line(),
-               "machine": _common.machine_description(), "data": f"{dataset} training split minus the 2 % audit "
-               f"split ({len(data[0])} examples), batch {BATCH}", "steps": args.steps, "block": args.block,
-               "targets": TARGETS, "models": models, "cli": cli, "seconds": round(time.time() - started, 1)}
+    payload = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "smoke": args.smoke,
+        "command": _common.command_line(),
+        "machine": _common.machine_description(),
+        "data": f"{dataset} training split minus the 2 % audit "
+        f"split ({len(data[0])} examples), batch {BATCH}",
+        "steps": args.steps,
+        "block": args.block,
+        "targets": TARGETS,
+        "models": models,
+        "cli": cli,
+        "seconds": round(time.time() - started, 1),
+    }
     out_dir = Path(args.out_dir)
     _common.write_json(out_dir / f"{NAME}.json", payload)
     _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started))

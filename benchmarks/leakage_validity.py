@@ -94,14 +94,35 @@ class ValidityConfig:
 
 
 QUICK = ValidityConfig(
-    sigmas=(1e-4, 1e-3, 1e-2, 0.1, 0.5, 2.0), stage_epochs=(0, 1, 2), n_audit=32, n_attack=2, n_train=1024,
-    lr=3e-3, lr_draws=1, id_trials=4, token_encoders=("span", "autoencoder"), token_reads=1,
-    dlg_iterations=40, ig_iterations=150, dlg_restarts=1, i2f_probes=2,
+    sigmas=(1e-4, 1e-3, 1e-2, 0.1, 0.5, 2.0),
+    stage_epochs=(0, 1, 2),
+    n_audit=32,
+    n_attack=2,
+    n_train=1024,
+    lr=3e-3,
+    lr_draws=1,
+    id_trials=4,
+    token_encoders=("span", "autoencoder"),
+    token_reads=1,
+    dlg_iterations=40,
+    ig_iterations=150,
+    dlg_restarts=1,
+    i2f_probes=2,
 )
 #: ``--smoke``: digits, the tiniest grid (seconds; checks the plumbing, the numbers mean nothing)
 SMOKE = ValidityConfig(
-    sigmas=(1e-3, 0.3, 3.0), stage_epochs=(0, 1), n_audit=12, n_attack=1, n_train=128, lr_draws=1, id_trials=2,
-    token_encoders=("projection",), token_reads=1, dlg_iterations=3, ig_iterations=3, dlg_restarts=1,
+    sigmas=(1e-3, 0.3, 3.0),
+    stage_epochs=(0, 1),
+    n_audit=12,
+    n_attack=1,
+    n_train=128,
+    lr_draws=1,
+    id_trials=2,
+    token_encoders=("projection",),
+    token_reads=1,
+    dlg_iterations=3,
+    ig_iterations=3,
+    dlg_restarts=1,
     i2f_probes=2,
 )
 
@@ -149,8 +170,13 @@ def train_stages(model_name: str, info, train, *, config: ValidityConfig):
 
     from adaptive_dp.models.cnn import build_model
 
-    model = build_model(model_name, in_channels=info.in_channels, num_classes=info.num_classes,
-                        image_size=info.image_size, seed=config.seed)
+    model = build_model(
+        model_name,
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        image_size=info.image_size,
+        seed=config.seed,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=gen)
@@ -193,8 +219,14 @@ def likelihood_ratio_meter(model01, audit_x, audit_y, *, sigmas, draws: int, see
     from adaptive_dp.leakage.mine import likelihood_ratio_scores
     from adaptive_dp.leakage.monitor import LeakageMonitor
 
-    monitor = LeakageMonitor(model01, (audit_x, audit_y), max_grad_norm=MAX_GRAD_NORM, estimator=LR, seed=seed,
-                             max_audit=len(audit_x))
+    monitor = LeakageMonitor(
+        model01,
+        (audit_x, audit_y),
+        max_grad_norm=MAX_GRAD_NORM,
+        estimator=LR,
+        seed=seed,
+        max_audit=len(audit_x),
+    )
     clean = torch.cat([g.reshape(g.shape[0], -1) for g in monitor.clean_gradients()], dim=1).double()
     n = clean.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -217,8 +249,15 @@ def token_meter(model01, audit_x, audit_y, *, sigmas, encoder: str, reads: int, 
     """
     from adaptive_dp.leakage.monitor import LeakageMonitor
 
-    monitor = LeakageMonitor(model01, (audit_x, audit_y), max_grad_norm=MAX_GRAD_NORM, estimator="token-mine",
-                             token_encoder=encoder, seed=seed, max_audit=len(audit_x))
+    monitor = LeakageMonitor(
+        model01,
+        (audit_x, audit_y),
+        max_grad_norm=MAX_GRAD_NORM,
+        estimator="token-mine",
+        token_encoder=encoder,
+        seed=seed,
+        max_audit=len(audit_x),
+    )
     out = {}
     for sigma in sorted(sigmas):
         for _ in range(reads):
@@ -234,15 +273,28 @@ def i2f_per_image(model01, images, labels, *, probes: int, seed: int) -> list[fl
     """
     from adaptive_dp.attacks.i2f import expected_i2f_lower_bound
 
-    return [float(expected_i2f_lower_bound(model01, images[i:i + 1], labels[i:i + 1], noise_multiplier=1.0,
-                                           max_grad_norm=MAX_GRAD_NORM, probes=probes, seed=seed).value)
-            for i in range(len(images))]
+    return [
+        float(
+            expected_i2f_lower_bound(
+                model01,
+                images[i : i + 1],
+                labels[i : i + 1],
+                noise_multiplier=1.0,
+                max_grad_norm=MAX_GRAD_NORM,
+                probes=probes,
+                seed=seed,
+            ).value
+        )
+        for i in range(len(images))
+    ]
 
 
 # --------------------------------------------------------------------------------------------- attacks
 
 
-def identification_per_example(model01, audit_x, audit_y, *, sigmas, trials: int, seed: int) -> list[list[float]]:
+def identification_per_example(
+    model01, audit_x, audit_y, *, sigmas, trials: int, seed: int
+) -> list[list[float]]:
     """Per-candidate identification rate at each σ ([S][N]), common random numbers across σ.
 
     Each candidate's clipped gradient is released ``trials`` times (noise σ·C·z, the same z for every σ) and
@@ -282,20 +334,38 @@ def reconstruction(model01, images, labels, *, sigmas, config: ValidityConfig) -
         rows = {a: {"psnr": [], "ssim": []} for a in out}
         for k in range(len(images)):
             gen = torch.Generator().manual_seed(config.seed * 1000 + k)  # same noise direction for every σ
-            released = release_gradient(model01, images[k:k + 1], labels[k:k + 1], noise_multiplier=sigma,
-                                        max_grad_norm=MAX_GRAD_NORM, generator=gen)
+            released = release_gradient(
+                model01,
+                images[k : k + 1],
+                labels[k : k + 1],
+                noise_multiplier=sigma,
+                max_grad_norm=MAX_GRAD_NORM,
+                generator=gen,
+            )
             attempts = {
-                "dlg": lambda r=released: dlg(model01, r, image_shape=shape, max_grad_norm=MAX_GRAD_NORM,
-                                              iterations=config.dlg_iterations, restarts=config.dlg_restarts,
-                                              probe_iterations=config.dlg_iterations, seed=config.seed),
-                "ig": lambda r=released: inverting_gradients(model01, r, image_shape=shape,
-                                                             max_grad_norm=MAX_GRAD_NORM,
-                                                             iterations=config.ig_iterations,
-                                                             restarts=config.ig_restarts, seed=config.seed),
+                "dlg": lambda r=released: dlg(
+                    model01,
+                    r,
+                    image_shape=shape,
+                    max_grad_norm=MAX_GRAD_NORM,
+                    iterations=config.dlg_iterations,
+                    restarts=config.dlg_restarts,
+                    probe_iterations=config.dlg_iterations,
+                    seed=config.seed,
+                ),
+                "ig": lambda r=released: inverting_gradients(
+                    model01,
+                    r,
+                    image_shape=shape,
+                    max_grad_norm=MAX_GRAD_NORM,
+                    iterations=config.ig_iterations,
+                    restarts=config.ig_restarts,
+                    seed=config.seed,
+                ),
             }
             for name, attack in attempts.items():
                 result = attack()
-                quality = evaluate_reconstructions(result.reconstruction.clamp(0, 1), images[k:k + 1])[0]
+                quality = evaluate_reconstructions(result.reconstruction.clamp(0, 1), images[k : k + 1])[0]
                 rows[name]["psnr"].append(quality.psnr)
                 rows[name]["ssim"].append(quality.ssim)
         for name in out:
@@ -326,25 +396,41 @@ class StageResult:
     seconds: float = 0.0
 
 
-def evaluate_stage(dataset: str, model_name: str, epochs: int, plain_model, info, audit_x, audit_y, *,
-                   config: ValidityConfig) -> StageResult:
+def evaluate_stage(
+    dataset: str, model_name: str, epochs: int, plain_model, info, audit_x, audit_y, *, config: ValidityConfig
+) -> StageResult:
     """All meters and attacks for one trained snapshot (the model is wrapped to take [0, 1] images)."""
     from adaptive_dp.attacks.inversion import with_normalization
 
     start = time.perf_counter()
     model01 = with_normalization(plain_model, info.mean, info.std).eval()
     sigmas = [float(s) for s in config.sigmas]
-    lr = likelihood_ratio_meter(model01, audit_x, audit_y, sigmas=sigmas, draws=config.lr_draws, seed=config.seed)
-    result = StageResult(dataset=dataset, model=model_name, epochs=epochs,
-                         accuracy=test_accuracy(plain_model, info, audit_x, audit_y), sigmas=sigmas, cap=lr["cap"])
+    lr = likelihood_ratio_meter(
+        model01, audit_x, audit_y, sigmas=sigmas, draws=config.lr_draws, seed=config.seed
+    )
+    result = StageResult(
+        dataset=dataset,
+        model=model_name,
+        epochs=epochs,
+        accuracy=test_accuracy(plain_model, info, audit_x, audit_y),
+        sigmas=sigmas,
+        cap=lr["cap"],
+    )
     result.meters[LR] = lr["mi"]
     result.lr_per_example = lr["per_example"]
     for encoder in config.token_encoders:
-        result.meters[f"token-mine/{encoder}"] = token_meter(model01, audit_x, audit_y, sigmas=sigmas,
-                                                             encoder=encoder, reads=config.token_reads,
-                                                             seed=config.seed)
-    result.id_per_example = identification_per_example(model01, audit_x, audit_y, sigmas=sigmas,
-                                                       trials=config.id_trials, seed=config.seed)
+        result.meters[f"token-mine/{encoder}"] = token_meter(
+            model01,
+            audit_x,
+            audit_y,
+            sigmas=sigmas,
+            encoder=encoder,
+            reads=config.token_reads,
+            seed=config.seed,
+        )
+    result.id_per_example = identification_per_example(
+        model01, audit_x, audit_y, sigmas=sigmas, trials=config.id_trials, seed=config.seed
+    )
     result.identification = [float(np.mean(r)) for r in result.id_per_example]
     if model_name == "lenet" and config.n_attack > 0:
         images, labels = audit_x[: config.n_attack], audit_y[: config.n_attack]
@@ -381,8 +467,13 @@ def point_table(stages: list[StageResult]) -> list[dict[str, Any]]:
     rows = []
     for st in stages:
         for i, sigma in enumerate(st.sigmas):
-            row = {"model": st.model, "epochs": st.epochs, "sigma": sigma, "cap": st.cap,
-                   "identification": st.identification[i]}
+            row = {
+                "model": st.model,
+                "epochs": st.epochs,
+                "sigma": sigma,
+                "cap": st.cap,
+                "identification": st.identification[i],
+            }
             row.update({m: v[i] for m, v in st.meters.items()})
             if st.attacks:
                 for name, q in st.attacks.items():
@@ -399,10 +490,19 @@ def correlations(rows: list[dict[str, Any]], meters: list[str]) -> dict[str, Any
     Identification is pooled over all models' points; PSNR (best of DLG/IG, and each attack) over the LeNet
     points, where the reconstruction attacks run.
     """
-    out: dict[str, Any] = {"identification": {}, "identification_uncapped": {}, "identification_tied": {},
-                           "psnr": {}, "psnr_uncapped": {}, "dlg_psnr": {}, "ig_psnr": {}, "sigma": {},
-                           "n_points": {}}
+    out: dict[str, Any] = {
+        "identification": {},
+        "identification_uncapped": {},
+        "identification_tied": {},
+        "psnr": {},
+        "psnr_uncapped": {},
+        "dlg_psnr": {},
+        "ig_psnr": {},
+        "sigma": {},
+        "n_points": {},
+    }
     recon = [r for r in rows if "psnr" in r]
+
     def at_cap(r: dict[str, Any], m: str) -> bool:
         return m != "i2f" and r[m] >= (1 - CAP_TOLERANCE) * r["cap"]
 
@@ -416,7 +516,9 @@ def correlations(rows: list[dict[str, Any]], meters: list[str]) -> dict[str, Any
         tied = [r["cap"] if at_cap(r, m) else r[m] for r in pts]
         out["identification_tied"][m] = spearman(tied, [r["identification"] for r in pts])
         free = [r for r in pts if not at_cap(r, m)]
-        out["identification_uncapped"][m] = spearman([r[m] for r in free], [r["identification"] for r in free])
+        out["identification_uncapped"][m] = spearman(
+            [r[m] for r in free], [r["identification"] for r in free]
+        )
         rpts = [r for r in recon if m in r]
         rmeter = [r[m] for r in rpts]
         out["psnr"][m] = spearman(rmeter, [r["psnr"] for r in rpts])
@@ -424,8 +526,12 @@ def correlations(rows: list[dict[str, Any]], meters: list[str]) -> dict[str, Any
         out["psnr_uncapped"][m] = spearman([r[m] for r in rfree], [r["psnr"] for r in rfree])
         out["dlg_psnr"][m] = spearman(rmeter, [r["dlg_psnr"] for r in rpts])
         out["ig_psnr"][m] = spearman(rmeter, [r["ig_psnr"] for r in rpts])
-        out["n_points"][m] = {"identification": len(pts), "identification_uncapped": len(free),
-                              "psnr": len(rpts), "psnr_uncapped": len(rfree)}
+        out["n_points"][m] = {
+            "identification": len(pts),
+            "identification_uncapped": len(free),
+            "psnr": len(rpts),
+            "psnr_uncapped": len(rfree),
+        }
     return out
 
 
@@ -440,8 +546,12 @@ def per_example(stages: list[StageResult]) -> list[dict[str, Any]]:
     out = []
     for st in stages:
         for i, sigma in enumerate(st.sigmas):
-            row = {"model": st.model, "epochs": st.epochs, "sigma": sigma,
-                   "lr_vs_identification": spearman(st.lr_per_example[i], st.id_per_example[i])}
+            row = {
+                "model": st.model,
+                "epochs": st.epochs,
+                "sigma": sigma,
+                "lr_vs_identification": spearman(st.lr_per_example[i], st.id_per_example[i]),
+            }
             if st.attacks:
                 k = len(st.i2f_images)
                 psnr_i = np.maximum(st.attacks["dlg"]["psnr"][i], st.attacks["ig"]["psnr"][i])
@@ -463,8 +573,9 @@ def summarise_per_example(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------- driver
 
 
-def run_dataset(dataset: str, *, config: ValidityConfig, data_dir: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def run_dataset(
+    dataset: str, *, config: ValidityConfig, data_dir: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     """The whole validity study on one data set: stages × models × σ, correlations, per-example ranks.
 
     Returns:
@@ -482,14 +593,25 @@ def run_dataset(dataset: str, *, config: ValidityConfig, data_dir: str | None = 
             st = evaluate_stage(dataset, model_name, epochs, model, info, audit_x, audit_y, config=config)
             stages.append(st)
             if progress:
-                print(f"[{dataset}] {model_name} after {epochs} epoch(s): acc {st.accuracy:.3f}, "
-                      f"{st.seconds:.1f} s", flush=True)
+                print(
+                    f"[{dataset}] {model_name} after {epochs} epoch(s): acc {st.accuracy:.3f}, "
+                    f"{st.seconds:.1f} s",
+                    flush=True,
+                )
     rows = point_table(stages)
     meters = list(dict.fromkeys(m for st in stages for m in st.meters))
     ranks = per_example(stages)
-    return {"dataset": dataset, "config": asdict(config), "stages": [asdict(s) for s in stages], "points": rows,
-            "meters": meters, "correlations": correlations(rows, meters), "per_example": ranks,
-            "per_example_summary": summarise_per_example(ranks), "seconds": time.perf_counter() - start}
+    return {
+        "dataset": dataset,
+        "config": asdict(config),
+        "stages": [asdict(s) for s in stages],
+        "points": rows,
+        "meters": meters,
+        "correlations": correlations(rows, meters),
+        "per_example": ranks,
+        "per_example_summary": summarise_per_example(ranks),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def worst_case(by_dataset: dict[str, dict], key: str, meter: str) -> float | None:
@@ -545,22 +667,35 @@ def plot(by_dataset: dict[str, dict], path: Path) -> None:
             color = f"C{m_i}"
             for model_i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
                 pts = [r for r in rows if r["model"] == model and m in r]
-                ax_id.scatter([r[m] for r in pts], [r["identification"] for r in pts], s=14, color=color,
-                              marker=markers.get(model_i, "^"), alpha=0.7,
-                              label=f"{m} ({model})" if r_i == 0 else None)
+                ax_id.scatter(
+                    [r[m] for r in pts],
+                    [r["identification"] for r in pts],
+                    s=14,
+                    color=color,
+                    marker=markers.get(model_i, "^"),
+                    alpha=0.7,
+                    label=f"{m} ({model})" if r_i == 0 else None,
+                )
             rp = [r for r in rows if "psnr" in r and m in r]
             ax_psnr.scatter([r[m] for r in rp], [r["psnr"] for r in rp], s=14, color=color, alpha=0.7)
             sig = sorted({r["sigma"] for r in rows})
-            ax_sigma.plot(sig, [np.mean([r[m] for r in rows if r["sigma"] == s and m in r]) for s in sig],
-                          "-o", ms=3, color=color, label=m if r_i == 0 else None)
+            ax_sigma.plot(
+                sig,
+                [np.mean([r[m] for r in rows if r["sigma"] == s and m in r]) for s in sig],
+                "-o",
+                ms=3,
+                color=color,
+                label=m if r_i == 0 else None,
+            )
         rp = [r for r in rows if "i2f" in r]
         ax_i2f.scatter([r["i2f"] for r in rp], [r["dlg_psnr"] for r in rp], s=14, label="DLG")
         ax_i2f.scatter([r["i2f"] for r in rp], [r["ig_psnr"] for r in rp], s=14, marker="s", label="IG")
         ax_id.set(xlabel="MI (nats)", ylabel="identification rate", title=f"{name}: MI vs identification")
         ax_psnr.set(xlabel="MI (nats)", ylabel="best PSNR (dB)", title=f"{name}: MI vs PSNR (LeNet)")
         ax_i2f.set(xlabel="I²F lower bound", ylabel="PSNR (dB)", xscale="log", title=f"{name}: I²F vs PSNR")
-        ax_sigma.set(xlabel="σ", ylabel="MI (nats, mean over stages/models)", xscale="log",
-                     title=f"{name}: MI vs σ")
+        ax_sigma.set(
+            xlabel="σ", ylabel="MI (nats, mean over stages/models)", xscale="log", title=f"{name}: MI vs σ"
+        )
         if r_i == 0:
             ax_id.legend(fontsize=6)
             ax_i2f.legend(fontsize=7)
@@ -572,78 +707,168 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
     """The .md report: provenance, headline, per-data-set correlation tables, per-example ranks, notes."""
     head = payload["headline"]
     extra = _common.REBUILT_NOTE if rebuilt else None
-    lines = [f"# Leakage validity: do the meters track real attacks?{' (QUICK MODE)' if quick else ''}", "",
-             _common.provenance_block(quick=quick, smoke=payload.get("smoke", False), started=started, extra=extra), ""]
+    lines = [
+        f"# Leakage validity: do the meters track real attacks?{' (QUICK MODE)' if quick else ''}",
+        "",
+        _common.provenance_block(
+            quick=quick, smoke=payload.get("smoke", False), started=started, extra=extra
+        ),
+        "",
+    ]
     for name, d in sorted(payload["by_dataset"].items()):
         c = d["config"]
-        lines += [f"- **{name}:** audit = {c['n_audit']} random TEST images (never trained on), attacked images "
-                  f"= first {c['n_attack']}; models {', '.join(c['models'])} trained non-privately (Adam, lr "
-                  f"{c['lr']}, batch {c['batch_size']}) on {c['n_train'] or 'all'} training images; stages "
-                  f"{c['stage_epochs']} epochs; σ grid {c['sigmas']}; C = {MAX_GRAD_NORM}; DLG "
-                  f"{c['dlg_iterations']} L-BFGS its × {c['dlg_restarts']} restart(s), IG {c['ig_iterations']} Adam its × "
-                  f"{c['ig_restarts']} restart(s); "
-                  f"{c['id_trials']} identification trials per candidate; token-mine encoders "
-                  f"{c['token_encoders']} ({c['token_reads']} reads per σ); run time {d['seconds']:.0f} s; command "
-                  f"`{_common.dataset_command('leakage_validity.py', name, d)}`"]
-    lines += ["", "## Headline (worst case over the data sets run: the ρ with the smallest |ρ|)", "",
-              markdown_table(["meter", "ρ vs identification", "ρ vs best PSNR", "ρ vs σ", "tracks"],
-                             [[m, head["spearman_mi_identification"][m], head["spearman_mi_psnr"][m],
-                               head["spearman_mi_sigma"][m], head["tracks"][m]]
-                              for m in head["spearman_mi_identification"]]),
-              "", f"- I²F lower bound vs best PSNR: ρ = {fmt(head['spearman_i2f_psnr'])} (I²F bounds the "
-              "reconstruction error from below, so a NEGATIVE ρ is the expected direction).",
-              f"- **Recommended default estimator: `{head['recommended_estimator']}`** (highest worst-case ρ "
-              f"with the attack it tracks; leads under {TIE_MARGIN} count as ties, ties → likelihood-ratio).", ""]
+        lines += [
+            f"- **{name}:** audit = {c['n_audit']} random TEST images (never trained on), attacked images "
+            f"= first {c['n_attack']}; models {', '.join(c['models'])} trained non-privately (Adam, lr "
+            f"{c['lr']}, batch {c['batch_size']}) on {c['n_train'] or 'all'} training images; stages "
+            f"{c['stage_epochs']} epochs; σ grid {c['sigmas']}; C = {MAX_GRAD_NORM}; DLG "
+            f"{c['dlg_iterations']} L-BFGS its × {c['dlg_restarts']} restart(s), IG {c['ig_iterations']} Adam its × "
+            f"{c['ig_restarts']} restart(s); "
+            f"{c['id_trials']} identification trials per candidate; token-mine encoders "
+            f"{c['token_encoders']} ({c['token_reads']} reads per σ); run time {d['seconds']:.0f} s; command "
+            f"`{_common.dataset_command('leakage_validity.py', name, d)}`"
+        ]
+    lines += [
+        "",
+        "## Headline (worst case over the data sets run: the ρ with the smallest |ρ|)",
+        "",
+        markdown_table(
+            ["meter", "ρ vs identification", "ρ vs best PSNR", "ρ vs σ", "tracks"],
+            [
+                [
+                    m,
+                    head["spearman_mi_identification"][m],
+                    head["spearman_mi_psnr"][m],
+                    head["spearman_mi_sigma"][m],
+                    head["tracks"][m],
+                ]
+                for m in head["spearman_mi_identification"]
+            ],
+        ),
+        "",
+        f"- I²F lower bound vs best PSNR: ρ = {fmt(head['spearman_i2f_psnr'])} (I²F bounds the "
+        "reconstruction error from below, so a NEGATIVE ρ is the expected direction).",
+        f"- **Recommended default estimator: `{head['recommended_estimator']}`** (highest worst-case ρ "
+        f"with the attack it tracks; leads under {TIE_MARGIN} count as ties, ties → likelihood-ratio).",
+        "",
+    ]
     for name, d in sorted(payload["by_dataset"].items()):
         corr = d["correlations"]
-        lines += [f"## {name}", "", markdown_table(
-            ["meter", "ρ id (all)", "ρ id (near-cap tied)", "ρ id (uncapped)", "ρ PSNR (all)", "ρ PSNR (uncapped)",
-             "ρ DLG PSNR", "ρ IG PSNR", "ρ σ", "points id/uncapped/PSNR"],
-            [[m, corr["identification"][m], corr.get("identification_tied", {}).get(m),
-              corr["identification_uncapped"][m], corr["psnr"][m],
-              corr["psnr_uncapped"][m], corr["dlg_psnr"][m], corr["ig_psnr"][m], corr["sigma"][m],
-              "{identification}/{identification_uncapped}/{psnr}".format(**corr["n_points"][m])]
-             for m in d["meters"]]), ""]
+        lines += [
+            f"## {name}",
+            "",
+            markdown_table(
+                [
+                    "meter",
+                    "ρ id (all)",
+                    "ρ id (near-cap tied)",
+                    "ρ id (uncapped)",
+                    "ρ PSNR (all)",
+                    "ρ PSNR (uncapped)",
+                    "ρ DLG PSNR",
+                    "ρ IG PSNR",
+                    "ρ σ",
+                    "points id/uncapped/PSNR",
+                ],
+                [
+                    [
+                        m,
+                        corr["identification"][m],
+                        corr.get("identification_tied", {}).get(m),
+                        corr["identification_uncapped"][m],
+                        corr["psnr"][m],
+                        corr["psnr_uncapped"][m],
+                        corr["dlg_psnr"][m],
+                        corr["ig_psnr"][m],
+                        corr["sigma"][m],
+                        "{identification}/{identification_uncapped}/{psnr}".format(**corr["n_points"][m]),
+                    ]
+                    for m in d["meters"]
+                ],
+            ),
+            "",
+        ]
         rows = []
         for r in d["points"]:
-            rows.append([r["model"], r["epochs"], r["sigma"], r.get(LR), *[r.get(m) for m in d["meters"] if m != LR],
-                         r["identification"], r.get("dlg_psnr"), r.get("ig_psnr"), r.get("dlg_ssim"),
-                         r.get("ig_ssim")])
-        lines += ["<details><summary>all points</summary>", "", markdown_table(
-            ["model", "epochs", "σ", LR, *[m for m in d["meters"] if m != LR], "id rate", "DLG PSNR",
-             "IG PSNR", "DLG SSIM", "IG SSIM"], rows), "", "</details>", ""]
+            rows.append(
+                [
+                    r["model"],
+                    r["epochs"],
+                    r["sigma"],
+                    r.get(LR),
+                    *[r.get(m) for m in d["meters"] if m != LR],
+                    r["identification"],
+                    r.get("dlg_psnr"),
+                    r.get("ig_psnr"),
+                    r.get("dlg_ssim"),
+                    r.get("ig_ssim"),
+                ]
+            )
+        lines += [
+            "<details><summary>all points</summary>",
+            "",
+            markdown_table(
+                [
+                    "model",
+                    "epochs",
+                    "σ",
+                    LR,
+                    *[m for m in d["meters"] if m != LR],
+                    "id rate",
+                    "DLG PSNR",
+                    "IG PSNR",
+                    "DLG SSIM",
+                    "IG SSIM",
+                ],
+                rows,
+            ),
+            "",
+            "</details>",
+            "",
+        ]
         acc = {(s["model"], s["epochs"]): s["accuracy"] for s in d["stages"]}
-        lines += ["Stage accuracies on the audit (test) images: " + ", ".join(
-            f"{m} @ {e} ep: {fmt(a)}" for (m, e), a in acc.items()), ""]
+        lines += [
+            "Stage accuracies on the audit (test) images: "
+            + ", ".join(f"{m} @ {e} ep: {fmt(a)}" for (m, e), a in acc.items()),
+            "",
+        ]
         summ = d["per_example_summary"]
-        lines += ["Per-example ranking within one σ (median Spearman ρ over the (model, stage, σ) cells where the "
-                  "attack's per-example success varies; count = such cells): "
-                  + "; ".join(f"{k}: {fmt(v['median'])} (n = {v['count']})" for k, v in summ.items()), ""]
-    lines += ["## How to read this", "",
-              "- Tie handling: the MI estimators cannot exceed log N (N audit images), identification cannot "
-              "exceed 1; exactly tied values get their average rank (scipy's default). Robustness variants: a "
-              f"reading within {CAP_TOLERANCE:.0%} of log N counts as at the cap; `tied` sets it to log N (noise "
-              "no longer ranks the saturated points, but real near-cap differences are lost too), `uncapped` "
-              "drops those points.",
-              "- PSNR = per image the better of DLG and Inverting Gradients (what an attacker running both "
-              "gets), averaged over the attacked images; on LeNet only (DLG's sigmoid network).",
-              "- I²F here is the expected lower bound σC·‖J‖_F/λ_max(JJᵀ) (Zhang et al. 2023), linear in σ "
-              "for a fixed model: across σ it is a rescaled σ, so its ρ mostly reflects σ and the stage.",
-              "- Reconstruction dies at far smaller σ than identification; a meter that tracks identification "
-              "saturates (and ties) where reconstruction still varies, so ρ vs PSNR is expected to be lower.",
-              "- Models are trained without DP for the stages (the parameters only set where on the training "
-              "path the leakage is measured); every release is one example's clipped gradient (C = 1) plus "
-              "N(0, σ²C²) noise — the worst case of a batch of one."]
+        lines += [
+            "Per-example ranking within one σ (median Spearman ρ over the (model, stage, σ) cells where the "
+            "attack's per-example success varies; count = such cells): "
+            + "; ".join(f"{k}: {fmt(v['median'])} (n = {v['count']})" for k, v in summ.items()),
+            "",
+        ]
+    lines += [
+        "## How to read this",
+        "",
+        "- Tie handling: the MI estimators cannot exceed log N (N audit images), identification cannot "
+        "exceed 1; exactly tied values get their average rank (scipy's default). Robustness variants: a "
+        f"reading within {CAP_TOLERANCE:.0%} of log N counts as at the cap; `tied` sets it to log N (noise "
+        "no longer ranks the saturated points, but real near-cap differences are lost too), `uncapped` "
+        "drops those points.",
+        "- PSNR = per image the better of DLG and Inverting Gradients (what an attacker running both "
+        "gets), averaged over the attacked images; on LeNet only (DLG's sigmoid network).",
+        "- I²F here is the expected lower bound σC·‖J‖_F/λ_max(JJᵀ) (Zhang et al. 2023), linear in σ "
+        "for a fixed model: across σ it is a rescaled σ, so its ρ mostly reflects σ and the stage.",
+        "- Reconstruction dies at far smaller σ than identification; a meter that tracks identification "
+        "saturates (and ties) where reconstruction still varies, so ρ vs PSNR is expected to be lower.",
+        "- Models are trained without DP for the stages (the parameters only set where on the training "
+        "path the leakage is measured); every release is one example's clipped gradient (C = 1) plus "
+        "N(0, σ²C²) noise — the worst case of a batch of one.",
+    ]
     return "\n".join(lines)
-
-
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--dataset", action="append", choices=["mnist", "cifar10", "digits", "fashion-mnist"],
-                        help="data set(s) to run (default: mnist and cifar10); results of earlier invocations "
-                             "of the same mode are merged")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        choices=["mnist", "cifar10", "digits", "fashion-mnist"],
+        help="data set(s) to run (default: mnist and cifar10); results of earlier invocations "
+        "of the same mode are merged",
+    )
     _common.add_report_only(parser)
     args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
@@ -651,19 +876,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
     json_path = out_dir / f"{NAME}.json"
     by_dataset, started = _common.per_dataset_results(
-        args, json_path, args.dataset or (["digits"] if args.smoke else ["mnist", "cifar10"]),
-        lambda d: run_dataset(d, config=config, data_dir=args.data_dir))
+        args,
+        json_path,
+        args.dataset or (["digits"] if args.smoke else ["mnist", "cifar10"]),
+        lambda d: run_dataset(d, config=config, data_dir=args.data_dir),
+    )
     if args.report_only:
         for d in by_dataset.values():  # the correlations follow the current definitions (e.g. tie handling)
             d["correlations"] = correlations(d["points"], d["meters"])
     head = headline(by_dataset)
-    payload = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, "command": _common.command_line(),
-               "machine": _common.machine_description(), **head, "headline": head, "by_dataset": by_dataset}
+    payload = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "smoke": args.smoke,
+        "command": _common.command_line(),
+        "machine": _common.machine_description(),
+        **head,
+        "headline": head,
+        "by_dataset": by_dataset,
+    }
     _common.write_json(json_path, payload)
     plot(by_dataset, out_dir / f"{NAME}.png")
-    _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick,
-                                                            rebuilt=args.report_only))
-    summary = {"benchmark": NAME, "quick": args.quick, "smoke": args.smoke, **head, "seconds": round(time.time() - started, 1)}
+    _common.write_markdown(
+        out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick, rebuilt=args.report_only)
+    )
+    summary = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "smoke": args.smoke,
+        **head,
+        "seconds": round(time.time() - started, 1),
+    }
     _common.print_summary(summary)
     return summary
 

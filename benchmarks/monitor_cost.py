@@ -36,8 +36,13 @@ from _common import fmt, markdown_table
 NAME = "monitor_cost"
 MAX_GRAD_NORM = 1.0
 FLOOR = 0.05
-CONFIGS = [("likelihood-ratio", None), ("token-mine", "projection"), ("token-mine", "span"),
-           ("token-mine", "autoencoder"), ("token-mine", "transformer")]
+CONFIGS = [
+    ("likelihood-ratio", None),
+    ("token-mine", "projection"),
+    ("token-mine", "span"),
+    ("token-mine", "autoencoder"),
+    ("token-mine", "transformer"),
+]
 ENCODERS = ("projection", "span", "autoencoder", "transformer")
 
 
@@ -80,9 +85,14 @@ def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> 
     loader = DataLoader(TensorDataset(*train), batch_size=256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gsm, opt, loader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
-                                                        noise_multiplier=1.0, max_grad_norm=MAX_GRAD_NORM,
-                                                        poisson_sampling=False)
+        gsm, opt, loader = PrivacyEngine().make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=MAX_GRAD_NORM,
+            poisson_sampling=False,
+        )
     x, y = train
     wall, cpu = [], []
     for _ in range(repeats + 1):
@@ -95,8 +105,9 @@ def _time_dp_step(model_name: str, train: tuple, *, seed: int, repeats: int) -> 
     return statistics.median(wall[1:]), statistics.median(cpu[1:])
 
 
-def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int,
-                  configs: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+def _time_monitor(
+    model_name: str, audit: tuple, *, seed: int, repeats: int, configs: list[tuple[str, str | None]]
+) -> list[dict[str, Any]]:
     """Median ms per read (after one warm-up read) for each estimator / encoder, σ = 1."""
     import torch
 
@@ -107,8 +118,14 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int,
     rows = []
     for estimator, encoder in configs:
         start = time.perf_counter()
-        monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
-                                 token_encoder=encoder or "autoencoder", seed=seed)
+        monitor = LeakageMonitor(
+            model,
+            audit,
+            max_grad_norm=MAX_GRAD_NORM,
+            estimator=estimator,
+            token_encoder=encoder or "autoencoder",
+            seed=seed,
+        )
         build_ms = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()
         monitor.clean_gradients()
@@ -119,11 +136,19 @@ def _time_monitor(model_name: str, audit: tuple, *, seed: int, repeats: int,
             start_cpu = time.process_time()
             times.append(1000 * monitor.read(noise_multiplier=1.0).seconds)
             cpu.append(1000 * (time.process_time() - start_cpu))
-        rows.append({"model": model_name, "estimator": _label(estimator, encoder), "n_audit": int(audit[0].shape[0]),
-                     "ms_per_read": statistics.median(times), "ms_per_read_min": min(times),
-                     "cpu_ms_per_read": statistics.median(cpu),
-                     "ms_per_sample_gradients": grad_ms, "ms_construct": build_ms,
-                     "parameters": sum(p.numel() for p in model.parameters())})
+        rows.append(
+            {
+                "model": model_name,
+                "estimator": _label(estimator, encoder),
+                "n_audit": int(audit[0].shape[0]),
+                "ms_per_read": statistics.median(times),
+                "ms_per_read_min": min(times),
+                "cpu_ms_per_read": statistics.median(cpu),
+                "ms_per_sample_gradients": grad_ms,
+                "ms_construct": build_ms,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
+        )
         del monitor
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
@@ -156,7 +181,9 @@ print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "ms": ms, "token_sha
 """
 
 
-def _tokenise_memory(audit: tuple, *, seed: int, encoders: tuple[str, ...], dim: int = 64) -> list[dict[str, Any]]:
+def _tokenise_memory(
+    audit: tuple, *, seed: int, encoders: tuple[str, ...], dim: int = 64
+) -> list[dict[str, Any]]:
     """Peak extra resident memory of tokenising ResNet-20's per-sample gradients for a batch of 64.
 
     Each encoder runs in a fresh Python process (so freed memory of earlier work cannot hide new
@@ -181,12 +208,24 @@ def _tokenise_memory(audit: tuple, *, seed: int, encoders: tuple[str, ...], dim:
         path = Path(tmp) / "grads.pt"
         torch.save([g.contiguous() for g in grads], path)
         for name in encoders:
-            result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(path), name, str(_common.REPO_ROOT)],
-                                    capture_output=True, text=True, check=True)
+            result = subprocess.run(
+                [sys.executable, "-c", _MEMORY_CHILD, str(path), name, str(_common.REPO_ROOT)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             child = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append({"encoder": name, "batch": 64, "parameters": total, "token_dim": dim, **child,
-                         "gradients_mib": sum(g.numel() for g in grads) * 4 / 2 ** 20,
-                         "dense_projection_mib": total * dim * 4 / 2 ** 20})
+            rows.append(
+                {
+                    "encoder": name,
+                    "batch": 64,
+                    "parameters": total,
+                    "token_dim": dim,
+                    **child,
+                    "gradients_mib": sum(g.numel() for g in grads) * 4 / 2**20,
+                    "dense_projection_mib": total * dim * 4 / 2**20,
+                }
+            )
     return rows
 
 
@@ -195,13 +234,27 @@ def _curve(model, audit, *, sigmas, seed: int, configs: list[tuple[str, str | No
 
     rows = []
     for estimator, encoder in configs:
-        monitor = LeakageMonitor(model, audit, max_grad_norm=MAX_GRAD_NORM, estimator=estimator,
-                                 token_encoder=encoder or "autoencoder", seed=seed)
+        monitor = LeakageMonitor(
+            model,
+            audit,
+            max_grad_norm=MAX_GRAD_NORM,
+            estimator=estimator,
+            token_encoder=encoder or "autoencoder",
+            seed=seed,
+        )
         readings = [monitor.read(noise_multiplier=s) for s in sigmas]
         floor = next((s for s, r in zip(sigmas, readings) if r.mi < FLOOR), None)
-        rows.append({"estimator": _label(estimator, encoder), "n": readings[0].n, "cap": readings[0].cap,
-                     "mi": [r.mi for r in readings], "stderr": [r.stderr for r in readings],
-                     "critic_gap": [r.critic_gap for r in readings], "floor_sigma": floor})
+        rows.append(
+            {
+                "estimator": _label(estimator, encoder),
+                "n": readings[0].n,
+                "cap": readings[0].cap,
+                "mi": [r.mi for r in readings],
+                "stderr": [r.stderr for r in readings],
+                "critic_gap": [r.critic_gap for r in readings],
+                "floor_sigma": floor,
+            }
+        )
     return rows
 
 
@@ -251,72 +304,146 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["dp_step_ms"], row["dp_step_cpu_ms"] = step_ms[row["model"]]
         row["read_per_step_wall"] = row["ms_per_read"] / row["dp_step_ms"]
         row["read_per_step_cpu"] = row["cpu_ms_per_read"] / row["dp_step_cpu_ms"]
-    memory_rows = _tokenise_memory(audit64, seed=args.seed, encoders=("projection",) if args.smoke else ENCODERS)
+    memory_rows = _tokenise_memory(
+        audit64, seed=args.seed, encoders=("projection",) if args.smoke else ENCODERS
+    )
 
     sigmas = [0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0]
     if args.quick or args.smoke:
         sigmas = [0.1, 4.0] if args.smoke else [0.01, 0.1, 0.3, 1.0, 4.0]
     n_curve = 16 if args.smoke else 64 if args.quick else 256
     cifar_model = build_model("tanh-cnn", in_channels=3, num_classes=10, image_size=32, seed=args.seed)
-    curves = {f"cifar10/tanh-cnn@init/N={n_curve}": _curve(
-        cifar_model, (audit_pool[0][:n_curve], audit_pool[1][:n_curve]), sigmas=sigmas, seed=args.seed,
-        configs=configs)}
+    curves = {
+        f"cifar10/tanh-cnn@init/N={n_curve}": _curve(
+            cifar_model,
+            (audit_pool[0][:n_curve], audit_pool[1][:n_curve]),
+            sigmas=sigmas,
+            seed=args.seed,
+            configs=configs,
+        )
+    }
     digits_sigmas = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 0.7, 1.5, 4.0]
     if args.quick or args.smoke:
         digits_sigmas = [1e-3, 4.0] if args.smoke else [1e-3, 1e-2, 0.1, 0.7, 4.0]
     digits_steps = 20 if args.smoke else 300
     digits_model, digits_audit = _trained_digits(args.seed, steps=digits_steps)
     curves[f"digits/small-cnn@{digits_steps}-steps/N=128"] = _curve(
-        digits_model, digits_audit, sigmas=digits_sigmas, seed=args.seed, configs=configs)
+        digits_model, digits_audit, sigmas=digits_sigmas, seed=args.seed, configs=configs
+    )
     del torch
 
     payload = {
-        "name": NAME, "quick": bool(args.quick), "smoke": bool(args.smoke), "seed": args.seed, "data": source,
-        "machine": _common.machine_description(), "command": _common.command_line(),
-        "max_grad_norm": MAX_GRAD_NORM, "floor_nats": FLOOR,
-        "cost": cost_rows, "tokenise_memory": memory_rows,
-        "curves": {k: {"sigmas": sigmas if k.startswith("cifar") else digits_sigmas, "rows": v}
-                   for k, v in curves.items()},
+        "name": NAME,
+        "quick": bool(args.quick),
+        "smoke": bool(args.smoke),
+        "seed": args.seed,
+        "data": source,
+        "machine": _common.machine_description(),
+        "command": _common.command_line(),
+        "max_grad_norm": MAX_GRAD_NORM,
+        "floor_nats": FLOOR,
+        "cost": cost_rows,
+        "tokenise_memory": memory_rows,
+        "curves": {
+            k: {"sigmas": sigmas if k.startswith("cifar") else digits_sigmas, "rows": v}
+            for k, v in curves.items()
+        },
         "seconds": time.time() - started,
     }
     out = Path(args.out_dir)
     _common.write_json(out / f"{NAME}.json", payload)
 
-    md = ["# Leakage monitor: cost per call and MI(σ) curves\n",
-          _common.provenance_block(quick=args.quick, smoke=args.smoke, started=started, extra={"Data": source}), "",
-          "## Milliseconds per monitor call vs one DP-SGD step",
-          "64 audit examples, σ = 1, C = 1; DP-SGD step = opacus forward + backward + clip + noise + update on "
-          "a batch of 256. Medians after one warm-up call. Wall times depend on the load of the shared "
-          "machine; CPU time (`time.process_time`, one torch thread) much less. `grads` = the audit per-sample "
-          "gradients alone (torch.func on a hook-free copy, wall).", "",
-          markdown_table(["model", "estimator", "ms / read", "CPU ms / read", "ms grads", "DP step ms",
-                          "DP step CPU ms", "read / step (CPU)"],
-                         [[r["model"], r["estimator"], *(f"{r[k]:.0f}" for k in (
-                             "ms_per_read", "cpu_ms_per_read", "ms_per_sample_gradients", "dp_step_ms",
-                             "dp_step_cpu_ms")), f"{r['read_per_step_cpu']:.2f}"] for r in cost_rows]), "",
-          "## Peak extra memory of tokenising ResNet-20 per-sample gradients (batch 64, d = 64)",
-          "Peak resident memory during `encoder(grads)` minus resident memory before (gradients already held). "
-          "Target < 1 GiB; a dense P×d projection matrix would need the last column.", "",
-          markdown_table(["encoder", "P", "peak extra MiB", "ms", "gradients MiB", "dense P×d MiB"],
-                         [[r["encoder"], str(r["parameters"]), f"{r['peak_extra_mib']:.1f}", f"{r['ms']:.0f}",
-                           f"{r['gradients_mib']:.1f}", f"{r['dense_projection_mib']:.1f}"] for r in memory_rows]), "",
-          "## MI(σ) curves (nats; one reading per σ, ± standard error; floor = first σ with MI < 0.05)", ""]
+    md = [
+        "# Leakage monitor: cost per call and MI(σ) curves\n",
+        _common.provenance_block(quick=args.quick, smoke=args.smoke, started=started, extra={"Data": source}),
+        "",
+        "## Milliseconds per monitor call vs one DP-SGD step",
+        "64 audit examples, σ = 1, C = 1; DP-SGD step = opacus forward + backward + clip + noise + update on "
+        "a batch of 256. Medians after one warm-up call. Wall times depend on the load of the shared "
+        "machine; CPU time (`time.process_time`, one torch thread) much less. `grads` = the audit per-sample "
+        "gradients alone (torch.func on a hook-free copy, wall).",
+        "",
+        markdown_table(
+            [
+                "model",
+                "estimator",
+                "ms / read",
+                "CPU ms / read",
+                "ms grads",
+                "DP step ms",
+                "DP step CPU ms",
+                "read / step (CPU)",
+            ],
+            [
+                [
+                    r["model"],
+                    r["estimator"],
+                    *(
+                        f"{r[k]:.0f}"
+                        for k in (
+                            "ms_per_read",
+                            "cpu_ms_per_read",
+                            "ms_per_sample_gradients",
+                            "dp_step_ms",
+                            "dp_step_cpu_ms",
+                        )
+                    ),
+                    f"{r['read_per_step_cpu']:.2f}",
+                ]
+                for r in cost_rows
+            ],
+        ),
+        "",
+        "## Peak extra memory of tokenising ResNet-20 per-sample gradients (batch 64, d = 64)",
+        "Peak resident memory during `encoder(grads)` minus resident memory before (gradients already held). "
+        "Target < 1 GiB; a dense P×d projection matrix would need the last column.",
+        "",
+        markdown_table(
+            ["encoder", "P", "peak extra MiB", "ms", "gradients MiB", "dense P×d MiB"],
+            [
+                [
+                    r["encoder"],
+                    str(r["parameters"]),
+                    f"{r['peak_extra_mib']:.1f}",
+                    f"{r['ms']:.0f}",
+                    f"{r['gradients_mib']:.1f}",
+                    f"{r['dense_projection_mib']:.1f}",
+                ]
+                for r in memory_rows
+            ],
+        ),
+        "",
+        "## MI(σ) curves (nats; one reading per σ, ± standard error; floor = first σ with MI < 0.05)",
+        "",
+    ]
     for key, curve in payload["curves"].items():
         md.append(f"### {key}\n")
         header = ["estimator", *[f"σ={s:g}" for s in curve["sigmas"]], "floor σ"]
-        rows = [[r["estimator"], *[f"{m:.3f}±{e:.3f}" for m, e in zip(r["mi"], r["stderr"])],
-                 fmt(r["floor_sigma"])] for r in curve["rows"]]
+        rows = [
+            [
+                r["estimator"],
+                *[f"{m:.3f}±{e:.3f}" for m, e in zip(r["mi"], r["stderr"])],
+                fmt(r["floor_sigma"]),
+            ]
+            for r in curve["rows"]
+        ]
         md += [markdown_table(header, rows), ""]
     _common.write_markdown(out / f"{NAME}.md", "\n".join(md))
 
     headline = {
-        "name": NAME, "quick": bool(args.quick), "smoke": bool(args.smoke),
+        "name": NAME,
+        "quick": bool(args.quick),
+        "smoke": bool(args.smoke),
         "ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["ms_per_read"], 1) for r in cost_rows},
-        "cpu_ms_per_read": {f"{r['model']}/{r['estimator']}": round(r["cpu_ms_per_read"], 1) for r in cost_rows},
+        "cpu_ms_per_read": {
+            f"{r['model']}/{r['estimator']}": round(r["cpu_ms_per_read"], 1) for r in cost_rows
+        },
         "dp_step_ms": {k: round(v[0], 1) for k, v in step_ms.items()},
         "dp_step_cpu_ms": {k: round(v[1], 1) for k, v in step_ms.items()},
-        "tokenise_peak_extra_mib": {r["encoder"]: None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
-                                    for r in memory_rows},
+        "tokenise_peak_extra_mib": {
+            r["encoder"]: None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"], 1)
+            for r in memory_rows
+        },
         "floor_sigma": {f"{k}/{r['estimator']}": r["floor_sigma"] for k, c in curves.items() for r in c},
         "seconds": round(time.time() - started, 1),
     }

@@ -62,10 +62,14 @@ def _data(device: torch.device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
-    audit = (torch.randn(AUDIT, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (AUDIT,), generator=g).to(device))
+    audit = (
+        torch.randn(AUDIT, 3, 32, 32, generator=g).to(device),
+        torch.randint(0, 10, (AUDIT,), generator=g).to(device),
+    )
     # the loader only fixes q = 1/8 and the expected batch size; the timed steps reuse one batch
-    loader = DataLoader(TensorDataset(torch.randn(8 * BATCH, 3, 32, 32), torch.randint(0, 10, (8 * BATCH,))),
-                        batch_size=BATCH)
+    loader = DataLoader(
+        TensorDataset(torch.randn(8 * BATCH, 3, 32, 32), torch.randint(0, 10, (8 * BATCH,))), batch_size=BATCH
+    )
     return x, y, audit, loader
 
 
@@ -74,15 +78,22 @@ def _make(setup: str, base: nn.Module, loader: DataLoader, audit) -> tuple[nn.Mo
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if setup == "nonprivate":
         return model, optimizer
-    common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    common = dict(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
     if setup == "opacus":
         model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(**common)
         return model, optimizer
     every = 10 if setup == "ours_every10" else 1
     engine = AdaptivePrivacyEngine()
     model, optimizer, _ = engine.make_private(
-        **common, target_mi=0.5, controller="pid", audit_data=audit, monitor_every=every,
-        sigma_min=0.3, sigma_max=20.0,
+        **common,
+        target_mi=0.5,
+        controller="pid",
+        audit_data=audit,
+        monitor_every=every,
+        sigma_min=0.3,
+        sigma_max=20.0,
     )
     ENGINES[setup] = engine  # the benchmark times the engine's monitor readings through it
     return model, optimizer
@@ -114,11 +125,13 @@ def bench_model(name: str, *, reps: int, device: torch.device) -> dict:
     for s in SETUPS:  # warm-up (allocator, first hook calls): two steps, no reading (history is 0, 1 → 2)
         _steps(*built[s], x, y, steps=2)
     reading_times = {s: _time_readings(ENGINES[s]) for s in ("ours_every10", "ours_every1")}
-    outside: dict[str, list[float]] = {s: [] for s in reading_times}  # step time less the readings in the block
+    outside: dict[str, list[float]] = {
+        s: [] for s in reading_times
+    }  # step time less the readings in the block
     wall: dict[str, list[float]] = {s: [] for s in SETUPS}
     cpu: dict[str, list[float]] = {s: [] for s in SETUPS}
     for rep in range(reps):
-        order = SETUPS[rep % len(SETUPS):] + SETUPS[: rep % len(SETUPS)]
+        order = SETUPS[rep % len(SETUPS) :] + SETUPS[: rep % len(SETUPS)]
         for s in order:
             before = len(reading_times[s]) if s in reading_times else 0
             w, c = _block(*built[s], x, y, device)
@@ -126,8 +139,11 @@ def bench_model(name: str, *, reps: int, device: torch.device) -> dict:
                 outside[s].append((w if device.type != "cpu" else c) - sum(reading_times[s][before:]) / BLOCK)
             wall[s].append(w)
             cpu[s].append(c)
-        print(f"  {name} rep {rep + 1}/{reps}: " + ", ".join(
-            f"{s} {wall[s][-1] * 1e3:.1f} ms (cpu {cpu[s][-1] * 1e3:.1f})" for s in SETUPS), flush=True)
+        print(
+            f"  {name} rep {rep + 1}/{reps}: "
+            + ", ".join(f"{s} {wall[s][-1] * 1e3:.1f} ms (cpu {cpu[s][-1] * 1e3:.1f})" for s in SETUPS),
+            flush=True,
+        )
     # On a CPU shared with other jobs, wall time mostly measures the others; with one torch thread the
     # process CPU time is the step's own cost. On a GPU, wall time (synchronised) is the cost.
     timed = cpu if device.type == "cpu" else wall
@@ -143,8 +159,12 @@ def bench_model(name: str, *, reps: int, device: torch.device) -> dict:
         "ratio_every_step": median["ours_every1"] / median["opacus"],
         # the same ratios paired within each repetition (the four blocks of a repetition run back to back,
         # so a load change between repetitions cancels), then the median over repetitions
-        "ratio_default_paired": statistics.median(a / b for a, b in zip(timed["ours_every10"], timed["opacus"])),
-        "ratio_every_step_paired": statistics.median(a / b for a, b in zip(timed["ours_every1"], timed["opacus"])),
+        "ratio_default_paired": statistics.median(
+            a / b for a, b in zip(timed["ours_every10"], timed["opacus"])
+        ),
+        "ratio_every_step_paired": statistics.median(
+            a / b for a, b in zip(timed["ours_every1"], timed["opacus"])
+        ),
         "monitor_ms_per_reading_median": 1e3 * statistics.median(reading_times["ours_every1"]),
         "monitor_ms_per_reading_median_every10": 1e3 * statistics.median(reading_times["ours_every10"]),
         # diagnostic: the engine's step time without its monitor readings (the same clock)
@@ -223,16 +243,29 @@ def _markdown(result: dict) -> str:
 
 def _per_model(r: dict) -> dict:
     """The per-model figures of the last-line JSON: ms per step of each set-up and the ratios."""
-    keys = ("ratio_default", "ratio_every_step", "ratio_default_paired", "ratio_every_step_paired",
-            "opacus_over_nonprivate", "monitor_ms_per_reading_median", "reps")
-    return {"ms_per_step": {s: round(v * 1e3, 2) for s, v in r["seconds_per_step_median"].items()},
-            **{k: r.get(k) for k in keys}}
+    keys = (
+        "ratio_default",
+        "ratio_every_step",
+        "ratio_default_paired",
+        "ratio_every_step_paired",
+        "opacus_over_nonprivate",
+        "monitor_ms_per_reading_median",
+        "reps",
+    )
+    return {
+        "ms_per_step": {s: round(v * 1e3, 2) for s, v in r["seconds_per_step_median"].items()},
+        **{k: r.get(k) for k in keys},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = _common.base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, help="models to time (default small-cnn resnet20)")
-    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 7, quick 3, smoke 1)")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="models to time (default small-cnn resnet20)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="interleaved repetitions (default 7, quick 3, smoke 1)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--fresh", action="store_true", help="drop rows of models not timed in this run")
     args = _common.parse_args(parser, argv)
@@ -247,8 +280,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.fresh and previous.is_file():  # keep other models' rows from an earlier run
         results.update(json.loads(previous.read_text()).get("models", {}))
     for name in models:
-        results[name] = {"command": _common.command_line(), "reps": reps,
-                         **bench_model(name, reps=reps, device=device)}
+        results[name] = {
+            "command": _common.command_line(),
+            "reps": reps,
+            **bench_model(name, reps=reps, device=device),
+        }
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
@@ -268,9 +304,14 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "overhead.md").write_text(_markdown(result))
     print(_markdown(result))
-    summary = {"benchmark": "overhead", "quick": args.quick, "smoke": args.smoke,
-               "ratio_default": result["ratio_default"], "ratio_every_step": result["ratio_every_step"],
-               "models": {name: _per_model(r) for name, r in results.items()}}
+    summary = {
+        "benchmark": "overhead",
+        "quick": args.quick,
+        "smoke": args.smoke,
+        "ratio_default": result["ratio_default"],
+        "ratio_every_step": result["ratio_every_step"],
+        "models": {name: _per_model(r) for name, r in results.items()},
+    }
     _common.print_summary(summary)
     return summary
 

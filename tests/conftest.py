@@ -44,12 +44,16 @@ def data_root() -> Path:
     """Root of the real data sets; skips the test when none is configured."""
     root = data_root_or_none()
     if root is None or not root.is_dir():
-        pytest.skip("real data not available: set ADAPTIVE_DP_DATA to the folder holding mnist/, cifar10-jpeg/ ...")
+        pytest.skip(
+            "real data not available: set ADAPTIVE_DP_DATA to the folder holding mnist/, cifar10-jpeg/ ..."
+        )
     return root
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep extracted/decoded data caches in one per-session folder, not in the user's home."""
-    cache = os.environ.get("ADAPTIVE_DP_CACHE") or str(tmp_path_factory.getbasetemp().parent / "adaptive_dp_cache")
+    cache = os.environ.get("ADAPTIVE_DP_CACHE") or str(
+        tmp_path_factory.getbasetemp().parent / "adaptive_dp_cache"
+    )
     monkeypatch.setenv("ADAPTIVE_DP_CACHE", cache)

@@ -53,7 +53,9 @@ def test_rdp_vectorised_over_sigma_equals_scalar_calls():
     matrix = rdp_sampled_gaussian(sample_rate=0.02, noise_multiplier=sigmas, orders=ORDERS)
     assert matrix.shape == (4, ORDERS.size)
     for row, s in zip(matrix, sigmas):
-        np.testing.assert_allclose(row, rdp_sampled_gaussian(sample_rate=0.02, noise_multiplier=float(s)), rtol=1e-13)
+        np.testing.assert_allclose(
+            row, rdp_sampled_gaussian(sample_rate=0.02, noise_multiplier=float(s)), rtol=1e-13
+        )
 
 
 @pytest.mark.parametrize("q, sigma, alpha", [(0.01, 20.0, 1.5), (0.001, 50.0, 1.1), (1e-4, 1.0, 1.1)])
@@ -76,7 +78,9 @@ def test_rdp_no_less_accurate_than_opacus_against_exact_integral(q, sigma, alpha
 def test_rdp_special_cases_and_errors():
     assert np.all(rdp_sampled_gaussian(sample_rate=0.0, noise_multiplier=1.0) == 0)
     assert np.all(np.isinf(rdp_sampled_gaussian(sample_rate=0.1, noise_multiplier=0.0)))
-    np.testing.assert_allclose(rdp_sampled_gaussian(sample_rate=1.0, noise_multiplier=2.0), ORDERS / 8, rtol=1e-15)
+    np.testing.assert_allclose(
+        rdp_sampled_gaussian(sample_rate=1.0, noise_multiplier=2.0), ORDERS / 8, rtol=1e-15
+    )
     with pytest.raises(ValueError, match="sample_rate"):
         rdp_sampled_gaussian(sample_rate=1.5, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
@@ -102,7 +106,9 @@ def test_epsilon_equals_opacus_rdp_accountant_on_random_sigma_histories():
             ref_eps, ref_alpha = theirs.get_privacy_spent(delta=delta)
             assert abs(eps - ref_eps) <= 1e-9 * ref_eps and alpha == ref_alpha
         custom = [2, 4.5, 8, 16, 32]  # other orders: recomputed from the history
-        assert ours.get_epsilon(1e-5, alphas=custom) == pytest.approx(theirs.get_epsilon(1e-5, alphas=custom), rel=1e-9)
+        assert ours.get_epsilon(1e-5, alphas=custom) == pytest.approx(
+            theirs.get_epsilon(1e-5, alphas=custom), rel=1e-9
+        )
 
 
 def test_opacus_pinned_value():
@@ -163,7 +169,9 @@ def test_registered_in_opacus_registry_without_replacing_rdp():
 def test_history_set_from_outside_is_followed():
     """opacus' get_noise_multiplier sets ``accountant.history`` directly; the running vector follows it."""
     kwargs = dict(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.02, steps=500)
-    assert get_noise_multiplier(**kwargs, accountant="rdp_incremental") == get_noise_multiplier(**kwargs, accountant="rdp")
+    assert get_noise_multiplier(**kwargs, accountant="rdp_incremental") == get_noise_multiplier(
+        **kwargs, accountant="rdp"
+    )
     acc = IncrementalRDPAccountant()
     acc.step(noise_multiplier=1.0, sample_rate=0.1)
     acc.history = [(2.0, 0.1, 7)]

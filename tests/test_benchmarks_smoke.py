@@ -55,9 +55,19 @@ def test_spearman_ties_and_constant_sides():
 
 def test_leakage_validity_core_on_digits():
     config = replace(
-        leakage_validity.QUICK, sigmas=(1e-3, 0.3, 3.0), stage_epochs=(0, 1), n_audit=12, n_attack=2, n_train=128,
-        lr_draws=1, id_trials=2, token_encoders=("projection",), token_reads=1, dlg_iterations=3,
-        ig_iterations=3, i2f_probes=2,
+        leakage_validity.QUICK,
+        sigmas=(1e-3, 0.3, 3.0),
+        stage_epochs=(0, 1),
+        n_audit=12,
+        n_attack=2,
+        n_train=128,
+        lr_draws=1,
+        id_trials=2,
+        token_encoders=("projection",),
+        token_reads=1,
+        dlg_iterations=3,
+        ig_iterations=3,
+        i2f_probes=2,
     )
     out = leakage_validity.run_dataset("digits", config=config, progress=False)
     assert {st["model"] for st in out["stages"]} == {"small-cnn", "lenet"}
@@ -71,27 +81,38 @@ def test_leakage_validity_core_on_digits():
     assert corr["sigma"]["likelihood-ratio"] < 0
     assert corr["identification"]["likelihood-ratio"] > 0.5  # the LR meter tracks the identification attack
     head = leakage_validity.headline({"digits": out})
-    for key in ("spearman_mi_identification", "spearman_mi_psnr", "spearman_i2f_psnr", "spearman_mi_sigma",
-                "recommended_estimator"):
+    for key in (
+        "spearman_mi_identification",
+        "spearman_mi_psnr",
+        "spearman_i2f_psnr",
+        "spearman_mi_sigma",
+        "recommended_estimator",
+    ):
         assert key in head
     assert head["recommended_estimator"] in out["meters"]
 
 
 def test_recommendation_prefers_the_training_free_meter_within_the_tie_margin():
     def dataset(lr_rho, other_rho):
-        corr = {"identification": {"likelihood-ratio": lr_rho, "token-mine/span": other_rho},
-                "psnr": {"likelihood-ratio": 0.5, "token-mine/span": 0.5},
-                "sigma": {"likelihood-ratio": -0.9, "token-mine/span": -0.9}}
+        corr = {
+            "identification": {"likelihood-ratio": lr_rho, "token-mine/span": other_rho},
+            "psnr": {"likelihood-ratio": 0.5, "token-mine/span": 0.5},
+            "sigma": {"likelihood-ratio": -0.9, "token-mine/span": -0.9},
+        }
         return {"meters": ["likelihood-ratio", "token-mine/span"], "correlations": corr}
 
     margin = leakage_validity.TIE_MARGIN
     assert leakage_validity.headline({"a": dataset(0.95, 0.95 + margin / 2)})["recommended_estimator"] == (
-        "likelihood-ratio")
+        "likelihood-ratio"
+    )
     assert leakage_validity.headline({"a": dataset(0.95, 0.95 + 2 * margin)})["recommended_estimator"] == (
-        "token-mine/span")
+        "token-mine/span"
+    )
     # the worst data set decides
-    assert leakage_validity.headline({"a": dataset(0.99, 0.8), "b": dataset(0.9, 0.97)})[
-        "recommended_estimator"] == "likelihood-ratio"
+    assert (
+        leakage_validity.headline({"a": dataset(0.99, 0.8), "b": dataset(0.9, 0.97)})["recommended_estimator"]
+        == "likelihood-ratio"
+    )
 
 
 @pytest.mark.parametrize("script", [leakage_validity, policies], ids=["leakage_validity", "policies"])
@@ -128,9 +149,18 @@ def test_rescaled_schedule_spends_the_budget_per_opacus():
 
 
 def test_policies_core_on_digits():
-    config = replace(policies.QUICK, epsilons=(3.0,), epochs=1, n_train=384, n_audit=16, n_test=200,
-                     budget_policies=("uniform", "linear", "pid"), ceiling_policies=("capacity", "threshold"),
-                     attack_iterations=2, id_trials=1)
+    config = replace(
+        policies.QUICK,
+        epsilons=(3.0,),
+        epochs=1,
+        n_train=384,
+        n_audit=16,
+        n_test=200,
+        budget_policies=("uniform", "linear", "pid"),
+        ceiling_policies=("capacity", "threshold"),
+        attack_iterations=2,
+        id_trials=1,
+    )
     out = policies.run_dataset("digits", config=config, progress=False)
     budget = {r["policy"]: r for r in out["budget"]}
     assert budget["uniform"]["odometer_epsilon"] <= 3.0 + 1e-2
@@ -157,8 +187,15 @@ HEAVY = {"finetune_speed.py", "monitor_cost.py", "policies.py"}
 
 def test_every_benchmark_is_covered():
     """The contract below runs each script found; the known ones must be among them (the glob works)."""
-    assert {"accountant.py", "attack_speed.py", "epoch.py", "leakage_validity.py", "monitor_cost.py",
-            "overhead.py", "policies.py"} <= set(SCRIPTS)
+    assert {
+        "accountant.py",
+        "attack_speed.py",
+        "epoch.py",
+        "leakage_validity.py",
+        "monitor_cost.py",
+        "overhead.py",
+        "policies.py",
+    } <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize(
@@ -168,6 +205,7 @@ def test_quick_smoke_run_ends_with_one_json_line(script, tmp_path):
     """``python benchmarks/<script> --quick --smoke`` (the tiniest configuration) exits 0, writes its results
     to ``--out-dir`` (never to the committed ``benchmarks/results``) and its last stdout line is a JSON object
     naming the mode it ran in."""
+
     def committed() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob(f"{Path(script).stem}.*")}
 
@@ -175,7 +213,11 @@ def test_quick_smoke_run_ends_with_one_json_line(script, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--smoke", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]

@@ -34,7 +34,9 @@ def test_budget_is_the_uniform_plan_spending_target_epsilon():
     ref.history = [(f.sigma_uniform, 0.02, 300)]
     assert ref.get_epsilon(DELTA) == pytest.approx(f.guarantee_epsilon, rel=1e-9)
     assert 3.0 - 3e-7 <= f.guarantee_epsilon <= 3.0
-    expected_budget = 300 * np.array(compute_rdp(q=0.02, noise_multiplier=f.sigma_uniform, steps=1, orders=list(DEFAULT_ORDERS)))
+    expected_budget = 300 * np.array(
+        compute_rdp(q=0.02, noise_multiplier=f.sigma_uniform, steps=1, orders=list(DEFAULT_ORDERS))
+    )
     np.testing.assert_allclose(f.budget, expected_budget, rtol=1e-9)
     assert f.steps == 0 and f.remaining_steps == 300 and f.odometer_epsilon() == 0.0
 
@@ -171,5 +173,8 @@ def test_exception_is_reachable_from_the_package_and_accountants():
     import adaptive_dp.accountants as accountants
 
     assert adaptive_dp.PrivacyBudgetExhausted is PrivacyBudgetExhausted
-    assert accountants.PrivacyBudgetExhausted is PrivacyBudgetExhausted and accountants.RenyiFilter is RenyiFilter
+    assert (
+        accountants.PrivacyBudgetExhausted is PrivacyBudgetExhausted
+        and accountants.RenyiFilter is RenyiFilter
+    )
     assert issubclass(PrivacyBudgetExhausted, RuntimeError)

@@ -32,24 +32,41 @@ def _free_port() -> int:
 
 
 def _env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env = dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
 
-def _launch(mode: str, out: Path, *, world: int = 2, timeout: float = 60.0, wait_for: tuple[int, ...] | None = None
-            ) -> tuple[list[int | None], list[str], float]:
+def _launch(
+    mode: str, out: Path, *, world: int = 2, timeout: float = 60.0, wait_for: tuple[int, ...] | None = None
+) -> tuple[list[int | None], list[str], float]:
     """Start ``world`` ranks of this file in ``mode`` and wait for the ranks ``wait_for`` (default all), then
     kill the others; returns (exit codes, stderr tails, seconds until the awaited ranks ended)."""
     port = _free_port()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out)], env=_env(r, world, port),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, mode, str(out)],
+            env=_env(r, world, port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     errs = [""] * world
     try:
-        for r in (range(world) if wait_for is None else wait_for):
+        for r in range(world) if wait_for is None else wait_for:
             _, err = procs[r].communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
             errs[r] = err[-3000:]
         seconds = time.perf_counter() - start
@@ -85,10 +102,12 @@ def _worker(mode: str, out: Path) -> int:
 
     torch.set_num_threads(1)
     context = ddp.init_distributed(timeout_s=HEALTHY_TIMEOUT_S if mode == "train" else TIMEOUT_S)
-    for wrapper in (WRAPPERS if mode == "train" else ("dpddp",)):
+    for wrapper in WRAPPERS if mode == "train" else ("dpddp",):
         result = _train_one(wrapper, mode, context)
         if result["error"] is None:
-            result["gathered_sigmas"] = ddp.all_gather_object(result["sigmas"], what="gather of the σ histories")
+            result["gathered_sigmas"] = ddp.all_gather_object(
+                result["sigmas"], what="gather of the σ histories"
+            )
         (out / f"rank{context.rank}.{wrapper}.json").write_text(json.dumps(result))
         if result["error"] is not None:
             return 3
@@ -113,11 +132,20 @@ def _train_one(wrapper: str, mode: str, context) -> dict:
     x, y = _synthetic(640, seed=0)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)  # global q = 64 / 640
     engine = AdaptivePrivacyEngine(accountant="rdp")
-    common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=1.0, target_mi=0.05,
-                  controller="pid", audit_data=_synthetic(64, seed=1), monitor_every=3)
+    common = dict(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        max_grad_norm=1.0,
+        target_mi=0.05,
+        controller="pid",
+        audit_data=_synthetic(64, seed=1),
+        monitor_every=3,
+    )
     if wrapper == "torch-ddp":  # with a hard budget: the Rényi filter floors σ on every rank
         model, optimizer, loader = engine.make_private_with_epsilon(
-            **common, target_epsilon=3.0, target_delta=1e-5, epochs=STEPS * 64 // 640)
+            **common, target_epsilon=3.0, target_delta=1e-5, epochs=STEPS * 64 // 640
+        )
     else:
         model, optimizer, loader = engine.make_private(**common, noise_multiplier=1.0, target_delta=1e-5)
     loader = ddp.distributed_poisson_loader(loader, generator=torch.Generator().manual_seed(7 + rank))
@@ -139,7 +167,9 @@ def _train_one(wrapper: str, mode: str, context) -> dict:
     except ddp.DistributedError as exc:
         error = str(exc)
     return {
-        "rank": rank, "error": error, "world_size": context.world_size,
+        "rank": rank,
+        "error": error,
+        "world_size": context.world_size,
         "stalled_s": time.monotonic() - last_step_done,  # from the last completed step to the end / the error
         "sigmas": [r["noise_multiplier"] for r in engine.history],
         "epsilons": [r["epsilon"] for r in engine.history],
@@ -231,16 +261,44 @@ def test_torchrun_cli_writes_rank_histories(tmp_path, data_root):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name)
     env["ADAPTIVE_DP_DATA"] = str(data_root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "adaptive_dp.cli", "train", "--dataset", "digits", "--epochs", "1",
-           "--batch-size", "128", "--target-mi", "0.5", "--controller", "pid", "--monitor-every", "3",
-           "--wandb-mode", "disabled", "--no-progress", "--dist-timeout", "20", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "adaptive_dp.cli",
+        "train",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--target-mi",
+        "0.5",
+        "--controller",
+        "pid",
+        "--monitor-every",
+        "3",
+        "--wandb-mode",
+        "disabled",
+        "--no-progress",
+        "--dist-timeout",
+        "20",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("results in") == 1  # rank 0 reports
     main = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    ranks = [[json.loads(line) for line in (out / f"history.rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
+    ranks = [
+        [json.loads(line) for line in (out / f"history.rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
     assert len(main) == len(ranks[0]) == len(ranks[1]) > 5
     for field in ("step", "noise_multiplier", "epsilon", "mi", "sample_rate"):
         assert [r[field] for r in main] == [r[field] for r in ranks[0]] == [r[field] for r in ranks[1]]

@@ -61,8 +61,9 @@ def test_drop_in_same_types_and_same_epsilon_as_opacus_rdp():
     for cls in (PrivacyEngine, AdaptivePrivacyEngine):
         model, optimizer, loader = _setup()
         engine = cls(accountant="rdp")
-        out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                  noise_multiplier=1.1, max_grad_norm=1.0)
+        out = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.1, max_grad_norm=1.0
+        )
         torch.manual_seed(5)
         _train(out[0], out[1], out[2], steps=20)
         results.append((engine, out))
@@ -108,8 +109,9 @@ def test_accountant_names():
 def test_user_sigma_untouched_without_controller_and_user_changes_respected():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=0.9, max_grad_norm=1.0)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.9, max_grad_norm=1.0
+    )
     _train(model, optimizer, loader, steps=3)
     optimizer.noise_multiplier = 1.7  # e.g. opacus' noise scheduler
     _train(model, optimizer, loader, steps=2)
@@ -127,8 +129,15 @@ def test_per_step_sigma_reaches_noise_and_accountant():
     loader = DataLoader(TensorDataset(torch.randn(40, d), torch.zeros(40, dtype=torch.long)), batch_size=10)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=4.0, max_grad_norm=1.0,
-        controller="linear", sigma_end=0.5, total_steps=8, loss_reduction="sum",
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=4.0,
+        max_grad_norm=1.0,
+        controller="linear",
+        sigma_end=0.5,
+        total_steps=8,
+        loss_reduction="sum",
     )
     stds = []
     for xb, _ in (b for _ in range(4) for b in loader):
@@ -154,8 +163,16 @@ def test_gdp_refuses_a_changing_sigma():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine(accountant="gdp")
     with pytest.raises(ValueError, match="accountant='rdp'"):
-        engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                            max_grad_norm=1.0, controller="linear", sigma_end=0.5, total_steps=10)
+        engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            controller="linear",
+            sigma_end=0.5,
+            total_steps=10,
+        )
 
 
 def test_controller_instance_conflicts_are_refused():
@@ -164,38 +181,71 @@ def test_controller_instance_conflicts_are_refused():
         model, optimizer, loader = _setup()
         with pytest.raises(ValueError, match="conflicting settings"):
             AdaptivePrivacyEngine().make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-                controller=pid, audit_data=_audit(), **kwargs,
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                controller=pid,
+                audit_data=_audit(),
+                **kwargs,
             )
     # the same values are not a conflict; the instance's settings are the engine's
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
-    engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                        max_grad_norm=1.0, controller=pid, audit_data=_audit(), target_mi=0.5, sigma_max=5.0)
+    engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        controller=pid,
+        audit_data=_audit(),
+        target_mi=0.5,
+        sigma_max=5.0,
+    )
     assert (engine.target_mi, engine.sigma_min, engine.sigma_max) == (0.5, 0.5, 5.0)
 
 
 def test_target_mi_without_audit_data_names_the_fix():
     model, optimizer, loader = _setup()
     with pytest.raises(ValueError, match="audit_data=.*audit_fraction"):
-        AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                             noise_multiplier=1.0, max_grad_norm=1.0, target_mi=0.5)
+        AdaptivePrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            target_mi=0.5,
+        )
 
 
 def test_feedback_controller_instance_without_audit_data_is_refused():
     model, optimizer, loader = _setup()
     pid = PIDController(0.5, sigma_min=0.5, sigma_max=5.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="audit_fraction"):
-        AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                             noise_multiplier=1.0, max_grad_norm=1.0, controller=pid)
+        AdaptivePrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            controller=pid,
+        )
 
 
 def test_prv_accountant_stays_opacus_prv():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine(accountant="prv")
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=2.0, max_grad_norm=1.0,
-        controller="linear", sigma_end=1.0, total_steps=4,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        controller="linear",
+        sigma_end=1.0,
+        total_steps=4,
     )
     _train(model, optimizer, loader, steps=6)
     reference = PRVAccountant()
@@ -203,7 +253,11 @@ def test_prv_accountant_stays_opacus_prv():
         reference.step(noise_multiplier=record["noise_multiplier"], sample_rate=0.25)
     sigmas = [r["noise_multiplier"] for r in engine.history]
     # a schedule over 4 planned steps: sigma_start at step 1, exactly sigma_end at step 4, then held
-    assert sigmas[0] == pytest.approx(2.0) and sigmas[3] == pytest.approx(1.0) and sigmas[5] == pytest.approx(1.0)
+    assert (
+        sigmas[0] == pytest.approx(2.0)
+        and sigmas[3] == pytest.approx(1.0)
+        and sigmas[5] == pytest.approx(1.0)
+    )
     assert len(set(sigmas)) == 4
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     assert all(r["epsilon"] is None for r in engine.history)  # PRV is too slow to ask after every step
@@ -213,11 +267,22 @@ def test_prv_accountant_stays_opacus_prv():
 def test_monitor_and_controller_work_with_ghost_clipping_and_unwrapped_models(kwargs):
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                              max_grad_norm=1.0, audit_data=_audit(), target_mi=0.05, monitor_every=2,
-                              criterion=nn.CrossEntropyLoss(), **kwargs)
+    out = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        audit_data=_audit(),
+        target_mi=0.05,
+        monitor_every=2,
+        criterion=nn.CrossEntropyLoss(),
+        **kwargs,
+    )
     criterion = out[2] if len(out) == 4 else None
-    _train(model if not kwargs.get("grad_sample_mode") else out[0], out[1], out[-1], steps=6, criterion=criterion)
+    _train(
+        model if not kwargs.get("grad_sample_mode") else out[0], out[1], out[-1], steps=6, criterion=criterion
+    )
     readings = [r["mi"] for r in engine.history if r["mi"] is not None]
     assert len(readings) == 3 and all(math.isfinite(m) and m > 0 for m in readings)
     assert engine.history[-1]["noise_multiplier"] > 1.0  # over the ceiling: the PID raised σ
@@ -227,8 +292,13 @@ def test_ghost_clipping_without_monitor_still_works():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     model, optimizer, criterion, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss(),
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+        criterion=nn.CrossEntropyLoss(),
     )
     _train(model, optimizer, loader, steps=3, criterion=criterion)
     assert len(engine.history) == 3 and len(engine.accountant) == 1
@@ -240,8 +310,13 @@ def test_ceiling_without_budget_gets_the_odometer_guarantee_and_no_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            target_mi=0.5, audit_data=_audit(),
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            target_mi=0.5,
+            audit_data=_audit(),
         )
     assert not [w for w in caught if "formal" in str(w.message)]
     assert engine.guarantee_kind == "renyi-odometer" and engine.guarantee_epsilon is None  # nothing spent yet
@@ -253,8 +328,9 @@ def test_ceiling_without_budget_gets_the_odometer_guarantee_and_no_warning():
     # σ fixed in advance (a schedule, or none): the composition itself is the guarantee
     model, optimizer, loader = _setup()
     plain = AdaptivePrivacyEngine()
-    model, optimizer, loader = plain.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                  noise_multiplier=1.0, max_grad_norm=1.0)
+    model, optimizer, loader = plain.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
     _train(model, optimizer, loader, steps=3)
     assert plain.guarantee_kind == "composition"
     assert plain.guarantee_epsilon == pytest.approx(plain.get_epsilon(1e-5))
@@ -266,8 +342,13 @@ def test_audit_examples_never_trained_on_and_q_from_carved_set():
     model, optimizer, loader = _setup(n=n, batch=batch, index_feature=True)
     engine = AdaptivePrivacyEngine()
     model, optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        audit_fraction=0.2, monitor_every=1000,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        audit_fraction=0.2,
+        monitor_every=1000,
     )
     audit = engine.audit_dataset
     assert isinstance(audit, Subset) and len(audit) == 20
@@ -290,8 +371,17 @@ def test_audit_examples_never_trained_on_and_q_from_carved_set():
 def test_schedule_epochs_count_steps_of_the_carved_loader():
     model, optimizer, loader = _setup(n=100, batch=10)
     engine = AdaptivePrivacyEngine()
-    engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=2.0,
-                        max_grad_norm=1.0, controller="linear", sigma_end=1.0, epochs=3, audit_fraction=0.2)
+    engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        controller="linear",
+        sigma_end=1.0,
+        epochs=3,
+        audit_fraction=0.2,
+    )
     # 80 trained examples in batches of 10: 24 planned steps, so the schedule spans 23 updates (step 1 → 24)
     assert engine.controller.total_steps == 3 * 8 - 1
 
@@ -299,9 +389,15 @@ def test_schedule_epochs_count_steps_of_the_carved_loader():
 def test_audit_data_and_fraction_are_exclusive():
     model, optimizer, loader = _setup()
     with pytest.raises(ValueError, match="either audit_data or audit_fraction"):
-        AdaptivePrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                             noise_multiplier=1.0, max_grad_norm=1.0, audit_data=_audit(),
-                                             audit_fraction=0.1)
+        AdaptivePrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            audit_data=_audit(),
+            audit_fraction=0.1,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- monitor loop
@@ -309,8 +405,13 @@ def test_readings_every_k_steps_first_before_step_one():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        audit_data=_audit(), monitor_every=3,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        audit_data=_audit(),
+        monitor_every=3,
     )
     _train(model, optimizer, loader, steps=7)
     read_at = [r["step"] for r in engine.history if r["mi"] is not None]
@@ -324,8 +425,16 @@ def test_first_reading_answers_step_one():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.05, max_grad_norm=1.0,
-        audit_data=_audit(), target_mi=0.05, controller="pid", sigma_min=0.05, sigma_max=10.0,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.05,
+        max_grad_norm=1.0,
+        audit_data=_audit(),
+        target_mi=0.05,
+        controller="pid",
+        sigma_min=0.05,
+        sigma_max=10.0,
     )
     _train(model, optimizer, loader, steps=1)
     first = engine.history[0]
@@ -339,8 +448,16 @@ def test_monitor_fault_gives_sigma_max_on_that_step(fault, caplog):
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        audit_data=_audit(), target_mi=2.0, sigma_min=0.5, sigma_max=6.0, monitor_every=2,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        audit_data=_audit(),
+        target_mi=2.0,
+        sigma_min=0.5,
+        sigma_max=6.0,
+        monitor_every=2,
     )
     real_read = engine.monitor.read
     calls = {"n": 0}
@@ -371,8 +488,14 @@ def test_virtual_steps_are_booked_once():
     model, optimizer, loader = _setup(n=96, batch=32)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-        controller="linear", sigma_end=0.5, total_steps=6,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        controller="linear",
+        sigma_end=0.5,
+        total_steps=6,
     )
     criterion = nn.CrossEntropyLoss()
     physical = 0
@@ -404,13 +527,28 @@ def test_modes_and_clipping_with_monitor_and_pid(grad_sample_mode, clipping):
     if clipping == "per_layer":
         max_grad_norm = [0.5] * n_params
     if clipping == "adaptive":
-        extra = dict(target_unclipped_quantile=0.5, clipbound_learning_rate=0.2, max_clipbound=4.0,
-                     min_clipbound=0.1, unclipped_num_std=20.0)
+        extra = dict(
+            target_unclipped_quantile=0.5,
+            clipbound_learning_rate=0.2,
+            max_clipbound=4.0,
+            min_clipbound=0.1,
+            unclipped_num_std=20.0,
+        )
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=max_grad_norm,
-        grad_sample_mode=grad_sample_mode, clipping=clipping, audit_data=_audit(), target_mi=0.5,
-        sigma_min=0.5, sigma_max=8.0, monitor_every=2, **extra,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=grad_sample_mode,
+        clipping=clipping,
+        audit_data=_audit(),
+        target_mi=0.5,
+        sigma_min=0.5,
+        sigma_max=8.0,
+        monitor_every=2,
+        **extra,
     )
     _train(model, optimizer, loader, steps=5)
     assert len(engine.history) == 5
@@ -426,8 +564,18 @@ def test_adaptive_clipping_refuses_sigma_max_above_its_limit():
     model, optimizer, loader = _setup()
     with pytest.raises(ValueError, match="unclipped_num_std"):
         AdaptivePrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            clipping="adaptive", audit_data=_audit(), target_mi=0.5, sigma_max=8.0,
-            target_unclipped_quantile=0.5, clipbound_learning_rate=0.2, max_clipbound=4.0, min_clipbound=0.1,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            clipping="adaptive",
+            audit_data=_audit(),
+            target_mi=0.5,
+            sigma_max=8.0,
+            target_unclipped_quantile=0.5,
+            clipbound_learning_rate=0.2,
+            max_clipbound=4.0,
+            min_clipbound=0.1,
             unclipped_num_std=2.0,
         )

@@ -77,8 +77,14 @@ def test_random_controller_never_overspends_any_order(sigmas, target_epsilon, ep
     controller = ScriptedController(sigmas, sigma_min=0.1, sigma_max=12.0)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=target_epsilon,
-        target_delta=DELTA, epochs=epochs, max_grad_norm=1.0, controller=controller,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=target_epsilon,
+        target_delta=DELTA,
+        epochs=epochs,
+        max_grad_norm=1.0,
+        controller=controller,
     )
     planned = epochs * 4
     exhausted = False
@@ -104,11 +110,17 @@ def test_starting_sigma_is_opacus_and_planned_run_stays_in_budget():
     model, optimizer, loader = _setup()
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=2.0, target_delta=DELTA,
-        epochs=3, max_grad_norm=1.0,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=2.0,
+        target_delta=DELTA,
+        epochs=3,
+        max_grad_norm=1.0,
     )
-    expected = get_noise_multiplier(target_epsilon=2.0, target_delta=DELTA, sample_rate=0.25, epochs=3,
-                                    accountant="rdp")
+    expected = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=DELTA, sample_rate=0.25, epochs=3, accountant="rdp"
+    )
     for _ in range(12):
         _one_step(model, optimizer, loader)
     # no controller: opacus' σ, raised to the filter's floor where that is (marginally) higher
@@ -117,11 +129,15 @@ def test_starting_sigma_is_opacus_and_planned_run_stays_in_budget():
         assert expected <= r["noise_multiplier"] <= expected * 1.002
     assert engine.get_epsilon(DELTA) <= 2.0
     orders = list(engine.budget_filter.orders)
-    spent = sum(compute_rdp(q=0.25, noise_multiplier=r["noise_multiplier"], steps=1, orders=orders)
-                for r in engine.history)  # opacus, independently of the engine's accountant
+    spent = sum(
+        compute_rdp(q=0.25, noise_multiplier=r["noise_multiplier"], steps=1, orders=orders)
+        for r in engine.history
+    )  # opacus, independently of the engine's accountant
     assert np.all(spent <= engine.budget_filter.budget * (1 + 1e-9))
     summary = engine.privacy_summary()
-    assert summary["guarantee_epsilon"] == pytest.approx(2.0) and summary["odometer_epsilon"] == engine.get_epsilon(DELTA)
+    assert summary["guarantee_epsilon"] == pytest.approx(2.0) and summary[
+        "odometer_epsilon"
+    ] == engine.get_epsilon(DELTA)
 
 
 def test_controller_below_the_floor_gets_the_floor():
@@ -129,8 +145,14 @@ def test_controller_below_the_floor_gets_the_floor():
     controller = ScriptedController([0.3], sigma_min=0.3, sigma_max=10.0)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=1.0, target_delta=DELTA,
-        epochs=2, max_grad_norm=1.0, controller=controller,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=1.0,
+        target_delta=DELTA,
+        epochs=2,
+        max_grad_norm=1.0,
+        controller=controller,
     )
     for _ in range(8):
         _one_step(model, optimizer, loader)
@@ -145,8 +167,15 @@ def test_exhaustion_stops_before_the_step_and_saves_state(tmp_path):
     path = tmp_path / "exhausted.pt"
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=1.0, target_delta=DELTA,
-        epochs=1, max_grad_norm=1.0, sigma_max=12.0, checkpoint_path=path,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=1.0,
+        target_delta=DELTA,
+        epochs=1,
+        max_grad_norm=1.0,
+        sigma_max=12.0,
+        checkpoint_path=path,
     )
     with pytest.raises(PrivacyBudgetExhausted):
         for _ in range(200):
@@ -164,8 +193,14 @@ def test_exhaustion_stops_before_the_step_and_saves_state(tmp_path):
     fresh_model, fresh_optimizer, fresh_loader = _setup()
     fresh = AdaptivePrivacyEngine()
     fresh_model, fresh_optimizer, _ = fresh.make_private_with_epsilon(
-        module=fresh_model, optimizer=fresh_optimizer, data_loader=fresh_loader, target_epsilon=1.0,
-        target_delta=DELTA, epochs=1, max_grad_norm=1.0, sigma_max=12.0,
+        module=fresh_model,
+        optimizer=fresh_optimizer,
+        data_loader=fresh_loader,
+        target_epsilon=1.0,
+        target_delta=DELTA,
+        epochs=1,
+        max_grad_norm=1.0,
+        sigma_max=12.0,
     )
     fresh.load_checkpoint(path=path, module=fresh_model, optimizer=fresh_optimizer)
     assert fresh.get_epsilon(DELTA) == engine.get_epsilon(DELTA)
@@ -181,8 +216,16 @@ def test_budget_and_ceiling_together_warn_nothing_and_report_both():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=3.0, target_delta=DELTA,
-            epochs=2, max_grad_norm=1.0, target_mi=0.2, audit_data=audit, monitor_every=2,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            target_epsilon=3.0,
+            target_delta=DELTA,
+            epochs=2,
+            max_grad_norm=1.0,
+            target_mi=0.2,
+            audit_data=audit,
+            monitor_every=2,
         )
     assert not [w for w in caught if "formal" in str(w.message)]  # a budget is a formal guarantee
     for _ in range(8):

@@ -74,11 +74,17 @@ SCRIPT = textwrap.dedent(
 
 def _run(mode: str, path: Path, script: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, str(script), mode, str(path)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=240)
+    done = subprocess.run(
+        [sys.executable, str(script), mode, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_resume_in_a_new_process_reproduces_sigma_and_epsilon(tmp_path):

@@ -33,9 +33,18 @@ def test_pid_holds_leakage_under_the_ceiling_on_digits():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(dataset, batch_size=64),
-        noise_multiplier=0.5, max_grad_norm=1.0, target_mi=TARGET, controller="pid",
-        estimator="likelihood-ratio", audit_fraction=0.1, monitor_every=EVERY, sigma_min=0.3, sigma_max=20.0,
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(dataset, batch_size=64),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        target_mi=TARGET,
+        controller="pid",
+        estimator="likelihood-ratio",
+        audit_fraction=0.1,
+        monitor_every=EVERY,
+        sigma_min=0.3,
+        sigma_max=20.0,
     )
     criterion = nn.CrossEntropyLoss()
     done = 0

@@ -37,8 +37,14 @@ def _model_and_optimizer(d: int = 8, classes: int = 3, seed: int = 0):
 def _make_private(loader, **kwargs):
     model, optimizer = _model_and_optimizer()
     engine = AdaptivePrivacyEngine()
-    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                              max_grad_norm=1.0, **kwargs)
+    out = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        **kwargs,
+    )
     return engine, out
 
 
@@ -79,7 +85,9 @@ def test_accepts_disjoint_audit_data_and_a_held_out_split_of_one_dataset():
     loader = DataLoader(Subset(full, list(range(48))), batch_size=16)
     engine, _ = _make_private(loader, target_mi=0.5, audit_data=Subset(full, list(range(48, 64))))
     assert engine.monitor is not None
-    engine, _ = _make_private(DataLoader(_data(), batch_size=16), target_mi=0.5, audit_data=_data(n=16, seed=9))
+    engine, _ = _make_private(
+        DataLoader(_data(), batch_size=16), target_mi=0.5, audit_data=_data(n=16, seed=9)
+    )
     assert engine.monitor is not None
 
 
@@ -88,15 +96,22 @@ def test_refuses_shuffled_batches_under_a_budget():
     model, optimizer = _model_and_optimizer()
     with pytest.raises(ValueError, match="poisson_sampling=False with a hard ε budget"):
         AdaptivePrivacyEngine().make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=16), target_epsilon=3.0,
-            target_delta=1e-5, epochs=1, max_grad_norm=1.0, poisson_sampling=False,
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(_data(), batch_size=16),
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
         )
 
 
 def test_warns_on_shuffled_batches_with_a_controller_but_not_in_plain_mode():
     with pytest.warns(UserWarning, match="poisson_sampling=False.*does not hold"):
-        _make_private(DataLoader(_data(), batch_size=16), poisson_sampling=False, controller="linear",
-                      total_steps=10)
+        _make_private(
+            DataLoader(_data(), batch_size=16), poisson_sampling=False, controller="linear", total_steps=10
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _make_private(DataLoader(_data(), batch_size=16), poisson_sampling=False)  # opacus' own behaviour
@@ -108,15 +123,30 @@ def test_a_second_make_private_raises_but_a_failed_first_call_does_not_count():
     engine = AdaptivePrivacyEngine()
     model, optimizer = _model_and_optimizer()
     with pytest.raises(ValueError, match="Module parameters are different"):
-        engine.make_private(module=nn.Linear(8, 3), optimizer=optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                            data_loader=DataLoader(_data(), batch_size=16))
-    engine.make_private(module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=16),
-                        noise_multiplier=1.0, max_grad_norm=1.0)
+        engine.make_private(
+            module=nn.Linear(8, 3),
+            optimizer=optimizer,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            data_loader=DataLoader(_data(), batch_size=16),
+        )
+    engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(_data(), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
     model2, optimizer2 = _model_and_optimizer(seed=1)
     with pytest.raises(RuntimeError, match="one engine, one private model"):
         engine.make_private_with_epsilon(
-            module=model2, optimizer=optimizer2, data_loader=DataLoader(_data(), batch_size=16),
-            target_epsilon=3.0, target_delta=1e-5, epochs=1, max_grad_norm=1.0,
+            module=model2,
+            optimizer=optimizer2,
+            data_loader=DataLoader(_data(), batch_size=16),
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
         )
 
 
@@ -126,8 +156,13 @@ def _one_step_update(engine_cls, **kwargs) -> list[torch.Tensor]:
     before = [p.detach().clone() for p in model.parameters()]
     engine = engine_cls()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=16), noise_multiplier=0.0,
-        max_grad_norm=0.5, poisson_sampling=False, **kwargs,
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(_data(), batch_size=16),
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+        **kwargs,
     )
     x, y = next(iter(loader))
     optimizer.zero_grad()
@@ -146,7 +181,9 @@ def test_noise_multiplier_zero_is_clipping_only_as_in_opacus():
 
 
 def test_options_object_equals_keywords():
-    engine_a, _ = _make_private(DataLoader(_data(), batch_size=16), target_mi=0.5, audit_data=_data(n=16, seed=9))
+    engine_a, _ = _make_private(
+        DataLoader(_data(), batch_size=16), target_mi=0.5, audit_data=_data(n=16, seed=9)
+    )
     options = AdaptiveOptions(target_mi=0.5, audit_data=_data(n=16, seed=9))
     engine_b, _ = _make_private(DataLoader(_data(), batch_size=16), adaptive=options)
     assert engine_a.options.target_mi == engine_b.options.target_mi == 0.5
@@ -176,14 +213,16 @@ def test_load_checkpoint_keeps_the_users_sigma_without_a_controller(tmp_path):
 
 
 def test_load_checkpoint_restores_sigma_as_controller_state(tmp_path):
-    saved, restored, engine = _checkpoint_roundtrip(tmp_path, target_mi=0.05, audit_data=_data(n=16, seed=9),
-                                                    controller_options={"kp": 2.0})
+    saved, restored, engine = _checkpoint_roundtrip(
+        tmp_path, target_mi=0.05, audit_data=_data(n=16, seed=9), controller_options={"kp": 2.0}
+    )
     assert restored == saved != 1.0  # the controller moved σ, and the restored engine goes on from there
 
 
 def test_history_key_mi_gap_still_reads_with_a_deprecation_warning():
-    engine, (model, optimizer, loader) = _make_private(DataLoader(_data(), batch_size=16), target_mi=0.5,
-                                                       audit_data=_data(n=16, seed=9))
+    engine, (model, optimizer, loader) = _make_private(
+        DataLoader(_data(), batch_size=16), target_mi=0.5, audit_data=_data(n=16, seed=9)
+    )
     x, y = next(iter(loader))
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
@@ -204,8 +243,12 @@ def test_engine_gradient_canaries_power_at_sigma_zero_and_checkpoint_state(tmp_p
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     engine = AdaptivePrivacyEngine()
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(train, batch_size=64), noise_multiplier=0.0,
-        max_grad_norm=10.0, canaries=1000,
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(train, batch_size=64),
+        noise_multiplier=0.0,
+        max_grad_norm=10.0,
+        canaries=1000,
     )
     for _ in range(10):  # 230 steps (helper measurement: 500/500 right guesses at σ = 0)
         for x, y in loader:
@@ -225,6 +268,12 @@ def test_a_budget_whose_plan_needs_more_noise_than_sigma_max_is_refused_up_front
     model, optimizer = _model_and_optimizer()
     with pytest.raises(ValueError, match=r"needs σ = .* above sigma_max = 2"):
         AdaptivePrivacyEngine().make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=DataLoader(_data(), batch_size=16), target_epsilon=0.3,
-            target_delta=1e-5, epochs=2, max_grad_norm=1.0, sigma_max=2.0,
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(_data(), batch_size=16),
+            target_epsilon=0.3,
+            target_delta=1e-5,
+            epochs=2,
+            max_grad_norm=1.0,
+            sigma_max=2.0,
         )

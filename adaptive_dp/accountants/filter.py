@@ -106,7 +106,9 @@ class RenyiFilter:
         if not (0.0 < target_delta < 1.0):
             raise ValueError(f"target_delta must lie in (0, 1), got {target_delta}; e.g. 1 / dataset size.")
         if not (0.0 < sample_rate <= 1.0):
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}; pass batch_size / dataset size.")
+            raise ValueError(
+                f"sample_rate must lie in (0, 1], got {sample_rate}; pass batch_size / dataset size."
+            )
         if int(planned_steps) != planned_steps or planned_steps < 1:
             raise ValueError(f"planned_steps must be a positive integer, got {planned_steps}.")
         self.target_epsilon = float(target_epsilon)
@@ -129,7 +131,9 @@ class RenyiFilter:
     # ----------------------------------------------------------------------------------------------- budget
 
     def _rho(self, sigma: float) -> np.ndarray:
-        return rdp_sampled_gaussian(sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self._orders_tuple)
+        return rdp_sampled_gaussian(
+            sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self._orders_tuple
+        )
 
     def _epsilon_of(self, rdp: np.ndarray, delta: float) -> float:
         return epsilon_from_rdp(rdp, orders=self.orders, delta=delta)[0]
@@ -215,7 +219,9 @@ class RenyiFilter:
         if row is None:
             block = range(_BLOCK * (g // _BLOCK), _BLOCK * (g // _BLOCK + 1))
             sigma = np.array([self._sigma_at(k) for k in block])
-            rows = rdp_sampled_gaussian(sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self.orders)
+            rows = rdp_sampled_gaussian(
+                sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self.orders
+            )
             self._rows.update(zip(block, rows))
             row = self._rows[g]
         return row
@@ -359,9 +365,15 @@ class RenyiFilter:
         """
         try:
             config, budget, spent = state_dict["config"], state_dict["budget"], state_dict["spent"]
-            steps, history, sigma_u = int(state_dict["steps"]), state_dict["history"], state_dict["sigma_uniform"]
+            steps, history, sigma_u = (
+                int(state_dict["steps"]),
+                state_dict["history"],
+                state_dict["sigma_uniform"],
+            )
         except (KeyError, TypeError) as err:
-            raise ValueError(f"not a RenyiFilter state_dict (missing {err}); save it with state_dict().") from err
+            raise ValueError(
+                f"not a RenyiFilter state_dict (missing {err}); save it with state_dict()."
+            ) from err
         if config != self._config():
             raise ValueError(
                 f"state_dict was saved by a filter configured as {config}, this one is {self._config()}; "

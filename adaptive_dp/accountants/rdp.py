@@ -56,7 +56,9 @@ _FIRST_CHUNK, _MAX_CHUNK = 8, 1024  # series terms per vectorised pass (doubling
 
 def _validate_rate_and_sigma(sample_rate: float, sigma: np.ndarray) -> None:
     if not (0.0 <= sample_rate <= 1.0) or not math.isfinite(sample_rate):
-        raise ValueError(f"sample_rate must lie in [0, 1], got {sample_rate}; pass batch_size / dataset size.")
+        raise ValueError(
+            f"sample_rate must lie in [0, 1], got {sample_rate}; pass batch_size / dataset size."
+        )
     if np.any(~(sigma >= 0.0)):
         raise ValueError(f"noise_multiplier must be >= 0 (and not NaN), got {sigma}.")
 
@@ -149,7 +151,9 @@ def _log_a_fractional(q: float, sigma: np.ndarray, orders: np.ndarray) -> np.nda
     return np.logaddexp(log_a0, log_a1).reshape(sigma.size, orders.size)
 
 
-def _signed_log_sum(log_acc: np.ndarray, log_terms: np.ndarray, sign: np.ndarray, drop: np.ndarray) -> np.ndarray:
+def _signed_log_sum(
+    log_acc: np.ndarray, log_terms: np.ndarray, sign: np.ndarray, drop: np.ndarray
+) -> np.ndarray:
     """log(exp(log_acc) + Σ_j sign_j · exp(log_terms_j)) over the kept terms, row-wise; [P] from [P], [P, J]."""
     log_terms = np.where(drop, -np.inf, log_terms)
     shift = np.maximum(log_acc, log_terms.max(axis=1))
@@ -160,7 +164,10 @@ def _signed_log_sum(log_acc: np.ndarray, log_terms: np.ndarray, sign: np.ndarray
 
 
 def rdp_sampled_gaussian(
-    *, sample_rate: float, noise_multiplier: float | np.ndarray, orders: Sequence[float] | np.ndarray = DEFAULT_ORDERS
+    *,
+    sample_rate: float,
+    noise_multiplier: float | np.ndarray,
+    orders: Sequence[float] | np.ndarray = DEFAULT_ORDERS,
 ) -> np.ndarray:
     """RDP of one step of the Poisson-sampled Gaussian mechanism, at every order (vectorised).
 
@@ -266,7 +273,9 @@ def epsilon_from_rdp(
 
 def _check_delta(delta: float) -> None:
     if not (0.0 < delta < 1.0):
-        raise ValueError(f"delta must lie in (0, 1), got {delta}; a common choice is 1 / dataset size or 1e-5.")
+        raise ValueError(
+            f"delta must lie in (0, 1), got {delta}; a common choice is 1 / dataset size or 1e-5."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,7 +349,11 @@ class IncrementalRDPAccountant(IAccountant):
         the running vector then follows the new history.
         """
         ref, length, last = self._synced
-        if ref is self.history and length == len(self.history) and (not self.history or self.history[-1] == last):
+        if (
+            ref is self.history
+            and length == len(self.history)
+            and (not self.history or self.history[-1] == last)
+        ):
             return
         self.history = [(float(s), float(q), int(n)) for s, q, n in self.history]
         self._rdp = _rdp_of_history(self.history, self._orders)
@@ -356,7 +369,9 @@ class IncrementalRDPAccountant(IAccountant):
         """
         noise_multiplier, sample_rate = float(noise_multiplier), float(sample_rate)
         self._sync()
-        rho = rdp_sampled_gaussian(sample_rate=sample_rate, noise_multiplier=noise_multiplier, orders=self._orders)
+        rho = rdp_sampled_gaussian(
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, orders=self._orders
+        )
         self._add(rho)
         self._steps += 1
         if self.history and self.history[-1][0] == noise_multiplier and self.history[-1][1] == sample_rate:
@@ -408,7 +423,12 @@ class IncrementalRDPAccountant(IAccountant):
         return float(eps), float(best)
 
     def get_epsilon(
-        self, delta: float, *, orders: Sequence[float] | None = None, alphas: Sequence[float] | None = None, **kwargs
+        self,
+        delta: float,
+        *,
+        orders: Sequence[float] | None = None,
+        alphas: Sequence[float] | None = None,
+        **kwargs,
     ) -> float:
         """ε at δ spent so far (odometer: the composition of the σ history used); 0 before the first step.
 
@@ -444,9 +464,13 @@ class IncrementalRDPAccountant(IAccountant):
         if "rdp" in state_dict:
             orders = np.asarray(state_dict.get("orders", self.DEFAULT_ALPHAS), dtype=np.float64)
             if not np.array_equal(orders, self._orders):
-                raise ValueError("state_dict was saved with other RDP orders; load it into a matching accountant.")
+                raise ValueError(
+                    "state_dict was saved with other RDP orders; load it into a matching accountant."
+                )
             self._rdp = np.array(state_dict["rdp"], dtype=np.float64)
-            self._compensation = np.array(state_dict.get("rdp_compensation", [0.0] * orders.size), dtype=np.float64)
+            self._compensation = np.array(
+                state_dict.get("rdp_compensation", [0.0] * orders.size), dtype=np.float64
+            )
             self._steps = int(state_dict.get("steps", sum(n for _, _, n in self.history)))
         else:
             self._rdp = _rdp_of_history(self.history, self._orders)
@@ -464,7 +488,9 @@ def _rdp_of_history(history: Iterable[tuple[float, float, int]], orders: np.ndar
     for q, entries in by_rate.items():
         sigmas = np.array([s for s, _ in entries])
         counts = np.array([n for _, n in entries], dtype=np.float64)
-        total += (rdp_sampled_gaussian(sample_rate=q, noise_multiplier=sigmas, orders=orders) * counts[:, None]).sum(0)
+        total += (
+            rdp_sampled_gaussian(sample_rate=q, noise_multiplier=sigmas, orders=orders) * counts[:, None]
+        ).sum(0)
     return total
 
 
@@ -478,7 +504,11 @@ if "rdp_incremental" not in _ACCOUNTANTS:
 
 
 def prv_epsilon(
-    history: Iterable[tuple[float, float, int]], *, delta: float, grid_ratio: float = 1.01, eps_error: float = 0.01
+    history: Iterable[tuple[float, float, int]],
+    *,
+    delta: float,
+    grid_ratio: float = 1.01,
+    eps_error: float = 0.01,
 ) -> float:
     """ε at δ from opacus' PRV accountant for a σ history, with σ grouped on a geometric grid for speed.
 
@@ -512,7 +542,9 @@ def prv_epsilon(
     for sigma, q, n in history:
         sigma, q, n = float(sigma), float(q), int(n)
         if not sigma > 0:
-            raise ValueError(f"PRV needs noise_multiplier > 0, got {sigma}: ε is infinite for a noiseless step.")
+            raise ValueError(
+                f"PRV needs noise_multiplier > 0, got {sigma}: ε is infinite for a noiseless step."
+            )
         if n <= 0 or q == 0.0:
             continue
         key = (q, math.floor(math.log(sigma) / log_r))

@@ -18,9 +18,19 @@ import argparse
 from adaptive_dp.cli import RegistryChoices, report_failure
 
 METHODS = ("dlg", "idlg", "ig", "identify")
-#: default iterations per method: DLG/iDLG 2000 L-BFGS iterations (``attacks.DLG_ITERATIONS``; Zhu et al.'s code
-#: runs 300 steps of up to 20), IG 4800 Adam steps (Geiping et al.).
-DEFAULT_ITERATIONS = {"dlg": 2000, "idlg": 2000, "ig": 4800, "identify": 0}
+#: IG's default: 4800 Adam steps (Geiping et al.); DLG/iDLG take the library's defaults
+#: (``attacks.inversion.DLG_ITERATIONS`` L-BFGS iterations, ``DLG_RESTARTS`` starts probed), read at run time so that
+#: ``adaptive-dp --help`` imports no torch.
+IG_ITERATIONS = 4800
+
+
+def _defaults(method: str) -> tuple[int | None, int]:
+    """(iterations, restarts) of ``method`` when the options are not given."""
+    if method in ("dlg", "idlg"):
+        from adaptive_dp.attacks.inversion import DLG_ITERATIONS, DLG_RESTARTS
+
+        return DLG_ITERATIONS, DLG_RESTARTS
+    return (IG_ITERATIONS if method == "ig" else None), 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +89,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--iterations",
         type=int,
         default=None,
-        help="optimiser iterations (default: 2000 for dlg/idlg, 4800 for ig)",
+        help="optimiser iterations (default: the library's for dlg/idlg, 4800 for ig)",
     )
     attack.add_argument(
-        "--restarts", type=int, default=1, help="random restarts, best match kept (default: %(default)s)"
+        "--restarts",
+        type=int,
+        default=None,
+        help="random restarts, best match kept (default: the library's for dlg/idlg, 1 otherwise)",
     )
     attack.add_argument(
         "--tv-weight", type=float, default=1e-4, help="IG total-variation weight (default: %(default)s)"
@@ -106,7 +119,7 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.iterations is not None and args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
-    if args.restarts < 1:
+    if args.restarts is not None and args.restarts < 1:
         raise ValueError(f"--restarts must be >= 1, got {args.restarts}")
 
 
@@ -159,8 +172,8 @@ def _load(args: argparse.Namespace):
         "max_grad_norm": float(clip),
         "n_images": args.n_images,
         "candidates": args.candidates if args.method == "identify" else None,
-        "iterations": args.iterations or DEFAULT_ITERATIONS[args.method] or None,
-        "restarts": args.restarts,
+        "iterations": args.iterations or _defaults(args.method)[0],
+        "restarts": args.restarts or _defaults(args.method)[1],
         "tv_weight": args.tv_weight,
         "seed": args.seed,
         "device": str(device),

@@ -52,13 +52,21 @@ def resolve_controller(
     # runs σ₀ at the first planned step and exactly sigma_end at the last one.
     schedule_span = None if total_steps is None else max(1, int(total_steps) - 1)
     built = build_controller(
-        controller, target_mi=target_mi, sigma_min=lo, sigma_max=hi, noise_multiplier=initial,
-        total_steps=schedule_span, sigma_end=options.sigma_end, **dict(options.controller_options),
+        controller,
+        target_mi=target_mi,
+        sigma_min=lo,
+        sigma_max=hi,
+        noise_multiplier=initial,
+        total_steps=schedule_span,
+        sigma_end=options.sigma_end,
+        **dict(options.controller_options),
     )
     return built, float(built.sigma_min), float(built.sigma_max), target_mi
 
 
-def _bounds(options: AdaptiveOptions, *, initial: float, default_bounds: tuple[float, float]) -> tuple[float, float]:
+def _bounds(
+    options: AdaptiveOptions, *, initial: float, default_bounds: tuple[float, float]
+) -> tuple[float, float]:
     lo = default_bounds[0] if options.sigma_min is None else float(options.sigma_min)
     hi = default_bounds[1] if options.sigma_max is None else float(options.sigma_max)
     if options.sigma_min is None:

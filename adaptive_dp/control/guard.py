@@ -37,8 +37,16 @@ class MeterGuard:
         min_leak: below this reference reading (nats) there is too little leakage to judge; the check passes.
     """
 
-    def __init__(self, *, reference: Any, noise_multiplier: float, target_mi: float | None, every: int = 10,
-                 tolerance: float = 0.5, min_leak: float = 0.05):
+    def __init__(
+        self,
+        *,
+        reference: Any,
+        noise_multiplier: float,
+        target_mi: float | None,
+        every: int = 10,
+        tolerance: float = 0.5,
+        min_leak: float = 0.05,
+    ):
         self.reference = reference
         self.every, self.tolerance, self.min_leak = int(every), float(tolerance), float(min_leak)
         self.blind = False
@@ -60,7 +68,11 @@ class MeterGuard:
             self.events += 1
             logger.warning(
                 "blind leakage meter at σ = %.4g: it reads %.4g nats where the likelihood-ratio reference reads %.4g; "
-                "σ is held at ≥ %.4g until it agrees again", noise_multiplier, reading.mi, ref.mi, self.floor_sigma,
+                "σ is held at ≥ %.4g until it agrees again",
+                noise_multiplier,
+                reading.mi,
+                ref.mi,
+                self.floor_sigma,
             )
             if not self._warned:
                 self._warned = True
@@ -68,7 +80,9 @@ class MeterGuard:
                     f"the leakage estimator reads {reading.mi:.3g} nats where the likelihood-ratio reference reads "
                     f"{ref.mi:.3g}: it cannot see the leakage, so it may not lower σ below {self.floor_sigma:.3g} "
                     "(fail closed); use estimator='likelihood-ratio' or a token encoder that keeps the gradient's "
-                    "signal (token_encoder='span')", UserWarning, stacklevel=2,
+                    "signal (token_encoder='span')",
+                    UserWarning,
+                    stacklevel=2,
                 )
         self.blind = blind
         self.passed_once = self.passed_once or not blind
@@ -85,8 +99,12 @@ class MeterGuard:
     def state_dict(self) -> dict[str, Any]:
         """The guard's counters, floor and the reference monitor's state."""
         return {
-            "blind": self.blind, "passed_once": self.passed_once, "floor_sigma": self.floor_sigma,
-            "readings": self.readings, "events": self.events, "warned": self._warned,
+            "blind": self.blind,
+            "passed_once": self.passed_once,
+            "floor_sigma": self.floor_sigma,
+            "readings": self.readings,
+            "events": self.events,
+            "warned": self._warned,
             "reference": self.reference.state_dict(),
         }
 

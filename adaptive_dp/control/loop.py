@@ -93,7 +93,9 @@ class NoiseControlLoop:
         self.guard = guard
         self.odometer = odometer
         self.sample_rate = sample_rate
-        self.pending_curve: Any = None  # σ′ ↦ (MI, stderr) of the pending reading, for a predictive controller
+        self.pending_curve: Any = (
+            None  # σ′ ↦ (MI, stderr) of the pending reading, for a predictive controller
+        )
         self.rank = ddp.get_rank() if distributed else 0
         self.history: list[HistoryRecord] = []  # StepRecord.as_dict() of every step booked
         self.pending: Any = None  # the reading to hand the controller at the next step
@@ -168,7 +170,8 @@ class NoiseControlLoop:
             message = f"{type(exc).__name__}: {exc}"
             logger.warning(
                 "leakage monitor failed before step %d (%s); the controller gets NaN (σ_max) for that step",
-                len(self.history) + 1, message,
+                len(self.history) + 1,
+                message,
             )
             return FailedReading(message)
         return reading
@@ -185,8 +188,9 @@ class NoiseControlLoop:
         if self.controller is not None:
             # controllers' convention: update(reading, t) after t steps taken gives σ of step t + 1
             extra = {"mi_curve": curve} if curve is not None else {}
-            sigma = float(self.controller.update(measurement, step - 1, sigma_floor=max(floors, default=None),
-                                                 **extra))
+            sigma = float(
+                self.controller.update(measurement, step - 1, sigma_floor=max(floors, default=None), **extra)
+            )
             if measurement is not None and math.isfinite(measurement):
                 error = getattr(self.controller, "last_error", None)
                 if error is None and self.target_mi is not None:
@@ -198,11 +202,19 @@ class NoiseControlLoop:
         # the budget wins, and a meter that cannot see never lowers the noise
         sigma = max(sigma, *floors) if floors else sigma
         if not (sigma >= 0 and math.isfinite(sigma)):
-            raise RuntimeError(f"the controller returned an invalid noise multiplier {sigma!r} at step {step}")
+            raise RuntimeError(
+                f"the controller returned an invalid noise multiplier {sigma!r} at step {step}"
+            )
         if self.guard is not None:
             self.guard.note_sigma(sigma)
-        return StepRecord(step=step, noise_multiplier=sigma, sigma_floor=floor, controller_error=error,
-                          meter_blind=blind_floor is not None, **fields)
+        return StepRecord(
+            step=step,
+            noise_multiplier=sigma,
+            sigma_floor=floor,
+            controller_error=error,
+            meter_blind=blind_floor is not None,
+            **fields,
+        )
 
     def _broadcast_decision(self, optimizer: Any, step: int, floor: float | None) -> StepRecord:
         decision: Any = None
@@ -266,8 +278,11 @@ class NoiseControlLoop:
         Raises:
             ValueError: if the saved state has a controller / monitor / filter this loop lacks, or the other way.
         """
-        for name, part in (("controller", self.controller), ("monitor", self.monitor),
-                           ("budget_filter", self.budget_filter)):
+        for name, part in (
+            ("controller", self.controller),
+            ("monitor", self.monitor),
+            ("budget_filter", self.budget_filter),
+        ):
             if (state.get(name) is None) != (part is None):
                 raise ValueError(
                     f"checkpoint {'has' if state.get(name) is not None else 'lacks'} a {name} but this engine "

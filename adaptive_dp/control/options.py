@@ -88,8 +88,9 @@ class AdaptiveOptions:
         return frozenset(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def split(cls, kwargs: Mapping[str, Any], *, adaptive: AdaptiveOptions | None = None
-              ) -> tuple[AdaptiveOptions, dict[str, Any]]:
+    def split(
+        cls, kwargs: Mapping[str, Any], *, adaptive: AdaptiveOptions | None = None
+    ) -> tuple[AdaptiveOptions, dict[str, Any]]:
         """Split ``kwargs`` into adaptive options and the keywords that go on to opacus.
 
         Args:
@@ -127,8 +128,11 @@ class AdaptiveOptions:
             raise ValueError(f"monitor_every must be an integer >= 1 (optimizer steps), got {every!r}")
         if self.audit_data is not None and self.audit_fraction:
             raise ValueError("pass either audit_data or audit_fraction, not both")
-        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 0 or (
-            self.canaries == 1
+        if (
+            isinstance(self.canaries, bool)
+            or not isinstance(self.canaries, int)
+            or self.canaries < 0
+            or (self.canaries == 1)
         ):
             raise ValueError(f"canaries must be 0 (none) or an integer >= 2, got {self.canaries!r}")
         if self.canary_mode not in ("gradient", "input"):
@@ -137,8 +141,10 @@ class AdaptiveOptions:
             raise ValueError(f"canary_kind must be 'dirac' or 'random', got {self.canary_kind!r}")
         if self.total_steps is not None and self.epochs is not None:
             raise ValueError("pass either total_steps or epochs, not both")
-        if self.target_mi is not None and not self.wants_audit and (
-            self.controller is None or isinstance(self.controller, str)
+        if (
+            self.target_mi is not None
+            and not self.wants_audit
+            and (self.controller is None or isinstance(self.controller, str))
         ):
             raise ValueError(
                 "target_mi needs audit data to measure leakage on: pass audit_data=<public or held-out examples> "

@@ -337,7 +337,9 @@ class LikelihoodRatioEstimator(LeakageEstimator):
         if n < 2:
             raise ValueError("the likelihood-ratio critic needs at least 2 audit examples (N >= 2)")
         draws = self.noise_draws or max(1, -(-LR_NOISE_TERMS // n))
-        self.last_curve = LikelihoodRatioCurve(gram, max_grad_norm=max_grad_norm, generator=generator, draws=draws)
+        self.last_curve = LikelihoodRatioCurve(
+            gram, max_grad_norm=max_grad_norm, generator=generator, draws=draws
+        )
         return self.last_curve.estimate(noise_multiplier)
 
     def mi_curve(self) -> LikelihoodRatioCurve | None:

@@ -44,7 +44,9 @@ class AuditOverlapError(ValueError):
     """The audit split is, or overlaps, the training data (see the module doc for the threat)."""
 
 
-def check_audit_disjoint(*, train: Dataset | DataLoader, audit: Any, audit_dataset: Dataset, seed: int = 0) -> None:
+def check_audit_disjoint(
+    *, train: Dataset | DataLoader, audit: Any, audit_dataset: Dataset, seed: int = 0
+) -> None:
     """Raise :class:`AuditOverlapError` when the audit examples are, or overlap, the training examples.
 
     Args:

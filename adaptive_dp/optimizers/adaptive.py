@@ -62,7 +62,9 @@ def register_adaptive_optimizer(base: type[DPOptimizer]) -> Callable[[type], typ
     return decorate
 
 
-def get_adaptive_optimizer_class(*, clipping: str, distributed: bool, grad_sample_mode: str | None = None) -> type:
+def get_adaptive_optimizer_class(
+    *, clipping: str, distributed: bool, grad_sample_mode: str | None = None
+) -> type:
     """The adaptive optimizer class for opacus' choice for these settings.
 
     Raises:
