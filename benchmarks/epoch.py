@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -703,7 +704,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = "digits" if args.smoke else "cifar10"
     data = load_split(dataset, data_dir=args.data_dir, seed=args.seed)
     args.block = args.block or (2 if args.smoke else MONITOR_EVERY)
-    args.steps = args.steps or (4 if args.smoke else 40 if args.quick else round(len(data[0]) / BATCH))
+    args.steps = args.steps or (4 if args.smoke else 40 if args.quick else math.ceil(len(data[0]) / BATCH))
     names = args.models or (["small-cnn"] if args.quick or args.smoke else ["small-cnn", "tanh-cnn"])
     with tempfile.TemporaryDirectory() as tmp:
         models = {m: bench_model(m, data, args=args, log_dir=Path(tmp)) for m in names}

@@ -189,6 +189,25 @@ def _assert_engine_used(outcomes: dict[str, Outcome], engine: str) -> None:
     assert ran and not wrong, f"these tests did not run with {ENGINE_NAMES[engine]}: {wrong}"
 
 
+def assert_same_outcomes(*, reference: dict[str, Outcome], ours: dict[str, Outcome]) -> None:
+    """Every test of ``FILES`` that passes with opacus' engine (``reference``) passes with ours.
+
+    Raises:
+        AssertionError: naming the regressions grouped by the first line of their error; also when the two
+            runs collected different tests, a run did not use its engine, or a file has no passing test.
+    """
+    assert set(ours) == set(reference), f"collected differently: {set(ours) ^ set(reference)}"
+    _assert_engine_used(reference, "opacus")
+    _assert_engine_used(ours, "adaptive")
+    passing = {node.split("::")[0] for node, outcome in reference.items() if outcome.status == "passed"}
+    assert passing == set(FILES), f"no test passes with opacus' own engine in {set(FILES) - passing}"
+    regressions = [n for n, o in reference.items() if o.status == "passed" and ours[n].status != "passed"]
+    assert not regressions, (
+        f"{len(regressions)} of opacus' tests pass with opacus' engine but not with AdaptivePrivacyEngine:\n"
+        + failures_by_cause(ours, regressions)
+    )
+
+
 @pytest.fixture(scope="module")
 def standin():
     """The torchvision stand-in, imported under a private name so that ``torchvision`` stays unimportable here."""
@@ -262,15 +281,6 @@ def test_fast_subset_passes_with_adaptive_engine(tmp_path):
 
 @pytest.mark.slow
 def test_same_outcomes_as_opacus_engine(tmp_path):
-    reference = run_opacus_tests(engine="opacus", targets=FILES, workdir=tmp_path, workers=2, timeout_s=3600)
-    ours = run_opacus_tests(engine="adaptive", targets=FILES, workdir=tmp_path, workers=2, timeout_s=3600)
-    assert set(ours) == set(reference)
-    _assert_engine_used(reference, "opacus")
-    _assert_engine_used(ours, "adaptive")
-    passing = {node.split("::")[0] for node, outcome in reference.items() if outcome.status == "passed"}
-    assert passing == set(FILES), f"no test passes with opacus' own engine in {set(FILES) - passing}"
-    regressions = [n for n, o in reference.items() if o.status == "passed" and ours[n].status != "passed"]
-    assert not regressions, (
-        f"{len(regressions)} of opacus' tests pass with opacus' engine but not with AdaptivePrivacyEngine:\n"
-        + failures_by_cause(ours, regressions)
-    )
+    reference = run_opacus_tests(engine="opacus", targets=FILES, workdir=tmp_path, workers=2, timeout_s=7200)
+    ours = run_opacus_tests(engine="adaptive", targets=FILES, workdir=tmp_path, workers=2, timeout_s=7200)
+    assert_same_outcomes(reference=reference, ours=ours)
