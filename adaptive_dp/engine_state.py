@@ -68,6 +68,37 @@ class EngineStateMixin:
             "guarantee_kind": self.guarantee_kind,
             "odometer_epsilon": float(self.get_epsilon(delta)) if len(self.history) else 0.0,
             "accountant": self.accountant.mechanism(),
+            **self.spend_summary(),
+        }
+
+    def spend_summary(self) -> dict[str, Any]:
+        """What the run spent of its plan, and the compute ``spend_budget`` cost (docs/accounting.md).
+
+        Returns:
+            ``spend_budget`` (None: off), ``spend_limit``, ``planned_steps`` (None without a plan),
+            ``steps_past_plan`` (steps taken beyond it), ``base_sample_rate`` (q of the plan),
+            ``mean_sample_rate`` (mean q booked per step), ``compute_vs_plan`` (expected examples processed,
+            Σ_t q_t, over the plan's T · q_base: the compute relative to the plan; None without a plan) and
+            ``budget_spent`` (the filter's max_α spent(α) / B(α); None without a budget).
+        """
+        loop = self.control_loop
+        spender = None if loop is None else loop.spender
+        budget_filter = self.budget_filter
+        base = self.sample_rate
+        planned = budget_filter.planned_steps if budget_filter is not None else None
+        if planned is None and self.options.total_steps is not None:
+            planned = int(self.options.total_steps)
+        rates = [r["sample_rate"] if r.get("sample_rate") is not None else base for r in self.history]
+        examples = sum(rates) if base is not None else None
+        return {
+            "spend_budget": None if spender is None else spender.mode,
+            "spend_limit": None if spender is None else spender.limit,
+            "planned_steps": planned,
+            "steps_past_plan": None if planned is None else max(len(self.history) - planned, 0),
+            "base_sample_rate": base,
+            "mean_sample_rate": examples / len(rates) if rates and examples is not None else None,
+            "compute_vs_plan": examples / (planned * base) if planned and examples is not None else None,
+            "budget_spent": None if budget_filter is None else budget_filter.spent_fraction(),
         }
 
     def canary_audit(self, confidence: float = 0.95, *, delta: float | None = None) -> Any:

@@ -141,8 +141,7 @@ class AdaptivePrivacyCallback(pl.Callback):
     Raises:
         ValueError: neither or both of ``noise_multiplier`` and ``target_epsilon``; ``target_epsilon`` without
             ``target_delta``; an invalid adaptive option; a ``make_private`` argument the callback sets itself;
-            ghost clipping (no per-sample gradients for the monitor, and it needs opacus' criterion in
-            ``training_step``); input canaries; an unknown keyword. At fit time: gradient accumulation, not exactly one optimizer, training data
+            ghost clipping (it needs opacus' DP criterion inside ``training_step``); input canaries; an unknown keyword. At fit time: gradient accumulation, not exactly one optimizer, training data
             that are not a ``DataLoader``, a module without ``forward`` while audit data are given, a budget
             without a finite ``max_epochs``.
     """
@@ -179,8 +178,9 @@ class AdaptivePrivacyCallback(pl.Callback):
             )
         if "ghost" in str(kwargs.get("grad_sample_mode", "hooks")):
             raise ValueError(
-                "ghost clipping needs opacus' DP criterion inside training_step and has no per-sample "
-                "gradients for the leakage monitor; use grad_sample_mode='hooks' (default)"
+                "ghost clipping needs opacus' DP criterion (the one make_private returns) inside "
+                "training_step, which the callback cannot provide; use grad_sample_mode='hooks' (default) or "
+                "'functorch'"
             )
         self.options, self.opacus_kwargs = AdaptiveOptions.split(kwargs, adaptive=adaptive)
         if self.options.canaries and self.options.canary_mode == "input":

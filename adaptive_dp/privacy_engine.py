@@ -41,6 +41,7 @@ from adaptive_dp.control.plan import (
     data_adaptive,
     noise_search_accountant,
 )
+from adaptive_dp.control.spend import build_spender, check_spend_options
 from adaptive_dp.engine_state import EngineStateMixin
 from adaptive_dp.leakage.audit import as_audit_dataset, carve_audit_split
 from adaptive_dp.leakage.overlap import check_audit_disjoint
@@ -206,13 +207,17 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
         planned steps are ``epochs / q``. The filter's budget B(α) is the RDP curve of the uniform plan that
         spends exactly ``target_epsilon``; before every step σ is raised to the filter's floor, so no order ever
         exceeds B(α) and the guarantee is ``target_epsilon`` at ``target_delta`` whatever the controller asks
-        (Feldman & Zrnic 2021). Other arguments: as :meth:`make_private`.
+        (Feldman & Zrnic 2021). ``spend_budget="steps"`` / ``"sample-rate"`` spends what a binding leakage ceiling
+        leaves of it with more steps or larger Poisson batches (:mod:`adaptive_dp.control.spend`; off by default).
+        Other arguments: as :meth:`make_private`.
 
         Raises:
             PrivacyBudgetExhausted: from ``optimizer.step()`` (before the step is applied, after the state is saved
                 to ``checkpoint_path`` if one is set) when the floor exceeds ``sigma_max``.
             ValueError: as :meth:`make_private`; non-positive ``target_epsilon`` / ``target_delta`` / ``epochs``;
-                ``poisson_sampling=False`` (the budget's accounting assumes Poisson sampling).
+                ``poisson_sampling=False`` (the budget's accounting assumes Poisson sampling); ``spend_budget``
+                settings the engine cannot honour (:func:`~adaptive_dp.control.spend.check_spend_options`).
+            NotImplementedError: ``spend_budget`` under torch.distributed.
         """
         if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
             raise ValueError(f"target_epsilon must be positive and finite, got {target_epsilon!r}")
@@ -244,6 +249,7 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
     def _make_private(self, options: AdaptiveOptions, budget: Budget | None, *, data_loader, **opacus_kwargs):
         """The steps of both ``make_private*``: each ``_prepare_*`` below does one thing."""
         self._prepare_engine(options, budget, opacus_kwargs)
+        check_spend_options(options, budget, accountant=self.accountant, data_loader=data_loader)
         data_loader, audit = self._prepare_audit(options, data_loader)
         data_loader = self._prepare_input_canaries(options, data_loader)
         tolerance = opacus_kwargs.pop("epsilon_tolerance", 0.01)
@@ -267,6 +273,13 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
             options, audit, module, distributed=distributed, settings=opacus_kwargs
         )
         guard = self._prepare_guard(options, plan, monitor, controller)
+        spender = build_spender(
+            options,
+            planned_steps=plan.total_steps,
+            base_rate=self.sample_rate,
+            loader=loader,
+            optimizer=optimizer,
+        )
         self.control_loop = self._prepare_loop(
             options,
             budget,
@@ -275,6 +288,7 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
             monitor=monitor,
             distributed=distributed,
             guard=guard,
+            spender=spender,
         )
         optimizer.attach_control_loop(self.control_loop)
         self._prepare_gradient_canaries(options, optimizer)
@@ -521,8 +535,9 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
         monitor: Any,
         distributed: bool,
         guard: Any,
+        spender: Any = None,
     ) -> NoiseControlLoop:
-        """The noise-control loop with its budget filter."""
+        """The noise-control loop with its budget filter (and ``spend_budget``'s spender)."""
         budget_filter = None
         delta = options.target_delta if options.target_delta is not None else DEFAULT_DELTA
         if budget is not None:
@@ -550,6 +565,7 @@ class AdaptivePrivacyEngine(EngineStateMixin, PrivacyEngine):
             guard=guard,
             sample_rate=self.sample_rate,
             odometer=RenyiOdometer() if budget is None and data_adaptive(controller) else None,
+            spender=spender,
         )
 
     def _check_optimizer(self, optimizer: DPOptimizer, controller: Any) -> None:

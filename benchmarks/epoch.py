@@ -11,6 +11,8 @@ and batch size 256 under these set-ups, each a hand-written training loop whose 
 * ``dp_pid_<mode>`` — ``AdaptivePrivacyEngine`` with the PID controller at 0.5 nats and the likelihood-ratio
   monitor on the audit split every 10 steps, in each mode of ``--adaptive-modes`` (default hooks, ghost), with
   the CLI's per-step logging (the history record, ``history.jsonl`` and W&B offline, as ``adaptive-dp train``).
+* ``audit<N>_<mode>`` — the same in the first adaptive mode with the monitor capped at N audit examples
+  (``--small-audit``, default 64, as ``overhead.py``; the monitor's own cap, which the CLI uses, is 256).
 
 Phases of a step (process CPU time with one torch thread — the step's own cost on a shared machine — and wall
 time): ``data`` (next batch of the loader: the Poisson sampler and collation), ``forward_backward`` (forward,
@@ -23,21 +25,28 @@ every 10th step) and ``logging``. Derived: per-sample gradients = a set-up's ``f
 floor's (same batch size on average).
 
 Set-ups run in interleaved blocks (round robin, the order rotated each round) so that load drifts hit all alike;
-per-step means are scaled to one epoch (1/q steps). Ratios: the fastest ``dp_pid`` mode (without the logging) over
-the fastest plain-opacus mode (target ≤ 1.1), also paired per round and per mode; ``nonprivate`` over ``floor``
-(target ≤ 1.5). The full mode also times ``adaptive-dp train`` for one epoch (DP + PID in the fastest DP + PID
-mode where the CLI takes ``--grad-sample-mode``, and ``--non-private`` where the CLI has it) from its
-``summary.json`` (wall time; the CLI process gets ``OMP_NUM_THREADS`` = ``--threads``).
+per-step means over the timed steps are scaled to one epoch (1/q steps; with ``--steps`` below an epoch this is
+an extrapolation). Ratios: the fastest ``dp_pid`` mode (without the logging) over the fastest plain-opacus mode
+(target ≤ 1.1), also paired per round, per mode, without the monitor's readings and projected for a reading every
+20th step; ``nonprivate`` over ``floor`` (target ≤ 1.5). The full mode then times ``adaptive-dp train`` for one
+epoch in ``--cli-rounds`` rounds of: ``--non-private``, the floor loop for as many steps, DP + PID
+(``--target-mi 0.5``, everything else the CLI's defaults: PID, the likelihood-ratio monitor every 10 steps,
+``--grad-sample-mode auto``), plain opacus' fastest mode for as many steps, each in its own process
+(``OMP_NUM_THREADS`` = ``--threads``) and measured alike: process CPU time (``/proc``) and wall time between the
+first and last progress lines (steps 20–192); each CLI run is divided by the loop run right after it, and the
+medians over the rounds are reported. The 1-minute load average is recorded after every round.
 
     python benchmarks/epoch.py --quick     # small-cnn, 40 steps per set-up (≤ 3 min on 2 cores)
-    python benchmarks/epoch.py             # small-cnn and tanh-cnn, one epoch per set-up, plus the CLI epochs
+    python benchmarks/epoch.py             # small-cnn, one epoch per set-up, plus 2 rounds of the CLI epochs
     python benchmarks/epoch.py --smoke     # digits, 4 steps: the plumbing only (the benchmarks' contract test)
+    python benchmarks/epoch.py --cli-only  # rerun the CLI rounds only, merged into the committed results
 
 Writes ``benchmarks/results/epoch.{json,md}`` and prints one JSON object as the last stdout line.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -234,8 +243,9 @@ def _opacus(mode: str, base, train, *, seed: int) -> Setup:
     return setup
 
 
-def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker) -> Setup:
-    """The adaptive engine (PID, monitor every 10 steps) in ``mode``, its phases cut by the optimizer's hooks."""
+def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker, max_audit: int | None = None) -> Setup:
+    """The adaptive engine (PID, monitor every 10 steps) in ``mode``, its phases cut by the optimizer's hooks;
+    ``max_audit``: the monitor's cap on audit examples (default: the monitor's own, 256)."""
     import torch
     from torch import nn
 
@@ -259,12 +269,12 @@ def _dp_pid(base, train, audit, *, seed: int, mode: str, tracker) -> Setup:
             audit_data=audit,
             monitor_every=MONITOR_EVERY,
             seed=seed,
+            monitor_options={} if max_audit is None else {"max_audit": max_audit},
         )
     model, optimizer, loader = out[0], out[1], out[-1]
     criterion = out[2] if mode == "ghost" else nn.CrossEntropyLoss()
-    setup = Setup(
-        f"dp_pid_{mode}", model, optimizer, criterion, _cycle(loader), after_step="monitor", engine=engine
-    )
+    name = f"dp_pid_{mode}" if max_audit is None else f"audit{max_audit}_{mode}"
+    setup = Setup(name, model, optimizer, criterion, _cycle(loader), after_step="monitor", engine=engine)
     optimizer.attach_pre_noise_hook(lambda _: setup.clock.lap("clip"))
     _time_accountant(optimizer, setup.clock, before="noise")
     optimizer.attach_post_step_hook(lambda _: setup.clock.lap("booking_update"))
@@ -317,24 +327,32 @@ def build_setups(model_name: str, data, *, args, tracker) -> dict[str, Setup]:
             f"dp_pid_{m}": _dp_pid(base, train, audit, seed=seed, mode=m, tracker=tracker)
             for m in args.adaptive_modes
         },
+        **{
+            f"audit{n}_{args.adaptive_modes[0]}": _dp_pid(
+                base, train, audit, seed=seed, mode=args.adaptive_modes[0], tracker=tracker, max_audit=n
+            )
+            for n in args.small_audit
+        },
     }
 
 
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def time_setups(setups: dict[str, Setup], *, steps: int, block: int, label: str) -> None:
-    """Warm up, then ``steps`` timed steps per set-up in interleaved blocks (order rotated every round)."""
+def time_setups(setups: dict[str, Setup], *, steps: int, block: int, label: str) -> list[float]:
+    """Warm up, then ``steps`` timed steps per set-up in interleaved blocks (order rotated every round); returns
+    the 1-minute load average after each round."""
     for setup in setups.values():
         setup.run(WARMUP_STEPS, timed=False)
     names = list(setups)
-    done = 0
+    done, loadavg = 0, []
     while done < steps:
         n = min(block, steps - done)
         shift = (done // block) % len(names)
         for name in names[shift:] + names[:shift]:
             setups[name].run(n, timed=True)
         done += n
+        loadavg.append(os.getloadavg()[0])
         print(
             f"  {label}: {done}/{steps} steps: "
             + ", ".join(f"{k} {v.block_cpu[-1] * 1e3:.0f}" for k, v in setups.items())
@@ -342,6 +360,7 @@ def time_setups(setups: dict[str, Setup], *, steps: int, block: int, label: str)
             file=sys.stderr,
             flush=True,
         )
+    return loadavg
 
 
 def summarize(setup: Setup, *, steps_per_epoch: int) -> dict[str, Any]:
@@ -379,7 +398,7 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
     fastest = min(opacus, key=lambda k: opacus[k]["cpu_ms_per_step"])
     dp_fastest = min(adaptive, key=lambda k: adaptive[k]["engine_cpu_ms_per_step"])
     dp, fast, floor = rows[dp_fastest], opacus[fastest], rows["floor"]
-    logging_ms = dp["cpu_ms"].get("logging", 0.0)
+    logging_ms, monitor_ms = dp["cpu_ms"].get("logging", 0.0), dp["cpu_ms"].get("monitor", 0.0)
     paired = [(d - logging_ms) / f for d, f in zip(dp["block_cpu_ms"], fast["block_cpu_ms"])]
     return {
         "opacus_fastest": fastest,
@@ -387,6 +406,17 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
         "dp_pid_vs_opacus_fastest": dp["engine_cpu_ms_per_step"] / fast["cpu_ms_per_step"],
         "dp_pid_vs_opacus_fastest_paired": statistics.median(paired),
         "dp_pid_logged_vs_opacus_fastest": dp["cpu_ms_per_step"] / fast["cpu_ms_per_step"],
+        # the same without the monitor's readings (the engine's own cost), and with a reading every 20th step
+        "dp_pid_without_monitor_vs_opacus_fastest": (dp["engine_cpu_ms_per_step"] - monitor_ms)
+        / fast["cpu_ms_per_step"],
+        "dp_pid_monitor_every_20_vs_opacus_fastest": (dp["engine_cpu_ms_per_step"] - monitor_ms / 2)
+        / fast["cpu_ms_per_step"],
+        "monitor_share_of_dp_pid": monitor_ms / dp["engine_cpu_ms_per_step"],
+        "small_audit_vs_opacus_fastest": {
+            k: v["engine_cpu_ms_per_step"] / fast["cpu_ms_per_step"]
+            for k, v in rows.items()
+            if k.startswith("audit")
+        },
         "dp_pid_vs_opacus_same_mode": {
             k: v["engine_cpu_ms_per_step"] / rows[f"opacus_{k[len('dp_pid_') :]}"]["cpu_ms_per_step"]
             for k, v in adaptive.items()
@@ -403,61 +433,129 @@ def ratios(rows: dict[str, dict]) -> dict[str, Any]:
     }
 
 
-def bench_model(model_name: str, data, *, args, log_dir: Path) -> dict[str, Any]:
-    """Time the six set-ups of one model; per-set-up breakdowns and the ratios."""
+def bench_model(model_name: str, data, *, args, log_dir: Path) -> tuple[dict[str, Any], dict[str, Setup]]:
+    """Time the set-ups of one model: (per-set-up breakdowns and the ratios, the set-ups)."""
     from adaptive_dp.training.tracking import Tracker
 
     mode = "disabled" if args.smoke else args.wandb_mode
     with Tracker(log_dir / model_name, config={"benchmark": NAME, "model": model_name}, mode=mode) as tracker:
         setups = build_setups(model_name, data, args=args, tracker=tracker)
         steps_per_epoch = round(1 / setups[f"dp_pid_{args.adaptive_modes[0]}"].engine.sample_rate)
-        time_setups(setups, steps=args.steps, block=args.block, label=model_name)
+        loadavg = time_setups(setups, steps=args.steps, block=args.block, label=model_name)
     rows = {k: summarize(s, steps_per_epoch=steps_per_epoch) for k, s in setups.items()}
-    return {"steps_per_epoch": steps_per_epoch, "steps_timed": args.steps, "setups": rows, **ratios(rows)}
+    result = {
+        "steps_per_epoch": steps_per_epoch,
+        "steps_timed": args.steps,
+        "loadavg_per_round": loadavg,
+        "setups": rows,
+        **ratios(rows),
+    }
+    return result, setups
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-def _cli_options() -> str:
-    """``adaptive-dp train --help``: which options this checkout's CLI has (``--non-private`` may be missing)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "adaptive_dp.cli", "train", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=_common.REPO_ROOT,
-        check=False,
-    )
-    return result.stdout
+def _cli_command(name: str, *, seed: int, out: Path) -> list[str]:
+    """``adaptive-dp train`` for one epoch of the small CNN on CIFAR-10, batch 256: DP + PID at the CLI's defaults
+    (``--target-mi`` only: PID, the likelihood-ratio monitor every 10 steps, ``--grad-sample-mode auto``) or
+    ``--non-private``."""
+    extra = ["--target-mi", str(TARGET_MI)] if name == "dp_pid" else ["--non-private"]
+    return [
+        *("adaptive-dp train --dataset cifar10 --model small-cnn --epochs 1").split(),
+        *("--batch-size", str(BATCH), "--seed", str(seed), "--wandb-mode", "offline"),
+        *extra,
+        *("--out", str(out)),
+    ]
 
 
-def time_cli(*, data_dir: str | None, threads: int, seed: int, mode: str, work: Path) -> dict[str, Any]:
-    """One epoch of ``adaptive-dp train`` (small CNN, CIFAR-10, batch 256) per set-up: the epoch's wall seconds
-    from ``summary.json`` and the whole process' CPU seconds (start-up, data, test evaluation included). DP + PID
-    runs in ``mode`` where the CLI takes ``--grad-sample-mode`` (else in its only mode, hooks)."""
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads), from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: the CLI's progress lines when stderr is not a terminal (``adaptive_dp.training.progress``); the reference loops
+#: print the same
+PROGRESS_LINE = r"epoch 1/1 step (\d+)/\d+: .*\(([0-9.]+) s\)"
+
+
+def _child_window(argv: list[str], *, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``argv``; the CPU and wall ms per step between its first and last progress lines (the process' CPU
+    time read from ``/proc`` as each line arrives: the steady state, without start-up, the first steps, a test
+    evaluation or the outputs), and the whole process' CPU seconds."""
+    import re
     import resource
 
-    runs = {
-        "dp_pid": [
-            "--target-mi",
-            str(TARGET_MI),
-            "--controller",
-            "pid",
-            "--monitor-every",
-            str(MONITOR_EVERY),
-        ]
+    pattern = re.compile(PROGRESS_LINE)
+    marks: list[tuple[int, float, float]] = []  # (step, process CPU s, wall s since the epoch began)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with subprocess.Popen(
+        argv, env=env, cwd=_common.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as child:
+        for line in child.stderr:
+            match = pattern.search(line)
+            if match:
+                marks.append((int(match[1]), _process_cpu_s(child.pid), float(match[2])))
+    if child.returncode or len(marks) < 2:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {child.returncode}, {len(marks)} progress lines)")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (s0, c0, w0), (s1, c1, w1) = marks[0], marks[-1]
+    return {
+        "process_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        "window_steps": s1 - s0,
+        "cpu_ms_per_step": 1e3 * (c1 - c0) / (s1 - s0),
+        "wall_ms_per_step": 1e3 * (w1 - w0) / (s1 - s0),
+        "loadavg": list(os.getloadavg()),
     }
-    options = _cli_options()
-    out: dict[str, Any] = {"dp_pid_mode": mode if "--grad-sample-mode" in options else "hooks"}
-    if "--grad-sample-mode" in options:
-        runs["dp_pid"] += ["--grad-sample-mode", mode]
-    if "--non-private" in options:
-        runs["nonprivate"] = ["--non-private"]
+
+
+def _run_cli(command: list[str], *, env: dict[str, str]) -> dict[str, Any]:
+    """One CLI run (:func:`_child_window`), plus its epoch's wall seconds, steps and mode from ``summary.json``."""
+    out = _child_window([sys.executable, "-m", "adaptive_dp.cli", *command[1:]], env=env)
+    summary = json.loads((Path(command[-1]) / "summary.json").read_text(encoding="utf-8"))
+    out.update(
+        epoch_wall_s=summary["epoch_times_s"][0],
+        steps=summary["steps"],
+        grad_sample_mode=summary.get("grad_sample_mode"),
+    )
+    return out
+
+
+def reference_loop(name: str, *, steps: int, data_dir, seed: int) -> None:
+    """The hand-written ``name`` loop (``floor`` or ``opacus_<mode>``) for ``steps`` steps in this process, printing
+    the CLI's progress lines (every 20th step and the last): the CLI runs' reference, measured the same way."""
+    from adaptive_dp.models import build_model
+
+    train, _, info = load_split("cifar10", data_dir=data_dir, seed=seed)
+    base = build_model(
+        "small-cnn",
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        image_size=info.image_size,
+        seed=seed,
+    )
+    if name == "floor":
+        setup = _plain(name, base, _premade(train, seed=seed, count=min(steps, len(train) // BATCH)))
     else:
-        out["nonprivate"] = {
-            "available": False,
-            "note": "this checkout's `adaptive-dp train` has no --non-private",
-        }
+        setup = _opacus(name[len("opacus_") :], base, train, seed=seed)
+    setup.run(WARMUP_STEPS, timed=False)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        setup.run(1, timed=False)
+        if step % 20 == 0 or step == steps:
+            print(
+                f"epoch 1/1 step {step}/{steps}: ({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def time_cli(*, fastest: str, data_dir, threads: int, seed: int, rounds: int, work: Path) -> dict[str, Any]:
+    """``rounds`` rounds of: ``adaptive-dp train --non-private`` (one epoch), the floor loop for as many steps,
+    ``adaptive-dp train --target-mi`` (DP + PID, one epoch), plain opacus' fastest mode for as many steps. Every run
+    is a child process with ``OMP_NUM_THREADS`` = ``threads``, measured the same way (:func:`_child_window`), and
+    each CLI run is divided by the reference loop run right after it (same load)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -465,62 +563,42 @@ def time_cli(*, data_dir: str | None, threads: int, seed: int, mode: str, work: 
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
     }
-    for name, extra in runs.items():
-        command = [
-            "adaptive-dp",
-            "train",
-            "--dataset",
-            "cifar10",
-            "--model",
-            "small-cnn",
-            "--epochs",
-            "1",
-            "--batch-size",
-            str(BATCH),
-            "--seed",
-            str(seed),
-            "--no-progress",
-            "--wandb-mode",
-            "offline",
-            "--out",
-            str(work / name),
-            *extra,
-        ]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(
-            [sys.executable, "-m", "adaptive_dp.cli", *command[1:]],
-            env=env,
-            cwd=_common.REPO_ROOT,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        summary = json.loads((work / name / "summary.json").read_text(encoding="utf-8"))
+    pairs = {"nonprivate": "floor", "dp_pid": fastest}
+    out: dict[str, Any] = {"reference": pairs, "rounds": []}
+    for r in range(rounds):
+        record: dict[str, Any] = {}
+        for name, reference in pairs.items():
+            command = _cli_command(name, seed=seed, out=work / f"{name}-{r}")
+            run = _run_cli(command, env=env)
+            loop_argv = [sys.executable, str(Path(__file__).resolve()), "--reference-loop", reference]
+            loop_argv += ["--steps", str(run["steps"]), "--seed", str(seed), "--threads", str(threads)]
+            run["loop"] = _child_window(loop_argv, env=env)
+            run["ratio_cpu"] = run["cpu_ms_per_step"] / run["loop"]["cpu_ms_per_step"]
+            run["ratio_wall"] = run["wall_ms_per_step"] / run["loop"]["wall_ms_per_step"]
+            record[name] = run
+            out["command_" + name] = " ".join(command[:-2])
+            print(
+                f"  cli round {r + 1}/{rounds}: {name} {run['cpu_ms_per_step']:.0f} CPU ms/step vs {reference} "
+                f"{run['loop']['cpu_ms_per_step']:.0f} ({run['ratio_cpu']:.3f}); wall ratio {run['ratio_wall']:.3f}"
+                f"; load {run['loadavg'][0]:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        out["rounds"].append(record)
+    for name in pairs:
+        runs = [rec[name] for rec in out["rounds"]]
         out[name] = {
-            "available": True,
-            "command": " ".join(command[: -2 - len(extra)] + extra),
-            "epoch_wall_s": summary["epoch_times_s"][0],
-            "steps": summary["steps"],
-            "process_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+            "cpu_ms_per_step": statistics.median(x["cpu_ms_per_step"] for x in runs),
+            "loop_cpu_ms_per_step": statistics.median(x["loop"]["cpu_ms_per_step"] for x in runs),
+            "ratio_cpu": statistics.median(x["ratio_cpu"] for x in runs),
+            "wall_ms_per_step": statistics.median(x["wall_ms_per_step"] for x in runs),
+            "loop_wall_ms_per_step": statistics.median(x["loop"]["wall_ms_per_step"] for x in runs),
+            "ratio_wall": statistics.median(x["ratio_wall"] for x in runs),
+            "epoch_wall_s": statistics.median(x["epoch_wall_s"] for x in runs),
+            "steps": runs[0]["steps"],
+            "grad_sample_mode": runs[0]["grad_sample_mode"],
+            "process_cpu_s": statistics.median(x["process_cpu_s"] for x in runs),
         }
-    return out
-
-
-def cli_ratios(cli: dict[str, Any], rows: dict[str, dict]) -> dict[str, Any]:
-    """CLI epoch (wall) over the hand-written loop's epoch (wall per step × the CLI's steps)."""
-
-    def loop_epoch(name: str, steps: int) -> float:
-        return rows[name]["wall_ms_per_step"] * steps / 1e3
-
-    loop = f"dp_pid_{cli['dp_pid_mode']}"
-    out = {"cli_dp_pid_vs_loop_wall": None, "cli_nonprivate_vs_floor_wall": None}
-    if loop in rows:
-        out["cli_dp_pid_vs_loop_wall"] = cli["dp_pid"]["epoch_wall_s"] / loop_epoch(
-            loop, cli["dp_pid"]["steps"]
-        )
-    if cli["nonprivate"]["available"]:
-        run = cli["nonprivate"]
-        out["cli_nonprivate_vs_floor_wall"] = run["epoch_wall_s"] / loop_epoch("floor", run["steps"])
     return out
 
 
@@ -583,6 +661,10 @@ def markdown(payload: dict[str, Any], *, started: float) -> str:
         "CPU time, one torch thread; wall total beside it), interleaved blocks of "
         f"{payload['block']} steps, {payload['steps']} timed steps per set-up after {WARMUP_STEPS} warm-up steps",
     }
+    if payload.get("cli_command"):
+        extra["Breakdown"] = (
+            f"from `{payload['command']}` ({payload['seconds']:.0f} s); the CLI section from the command above"
+        )
     mode = " (SMOKE MODE)" if payload["smoke"] else " (QUICK MODE)" if payload["quick"] else ""
     lines = [
         f"# Epoch-time breakdown{mode}",
@@ -607,6 +689,18 @@ def markdown(payload: dict[str, Any], *, started: float) -> str:
             f"{model['dp_pid_vs_opacus_fastest_paired']:.3f}; with logging "
             f"{model['dp_pid_logged_vs_opacus_fastest']:.3f}; target ≤ {TARGETS['dp_pid_vs_opacus_fastest']}); "
             f"DP + PID / opacus in the same mode: {same}.",
+            f"- Without the monitor's readings: {model['dp_pid_without_monitor_vs_opacus_fastest']:.3f}; with a "
+            f"reading every 20th step instead of every 10th (projected from the measured cost per reading): "
+            f"{model['dp_pid_monitor_every_20_vs_opacus_fastest']:.3f}; the monitor is "
+            f"{100 * model['monitor_share_of_dp_pid']:.0f} % of the DP + PID step. With the monitor capped at "
+            + (
+                ", ".join(
+                    f"{k[len('audit') :].split('_')[0]} audit examples ({k}): {v:.3f}"
+                    for k, v in model["small_audit_vs_opacus_fastest"].items()
+                )
+                or "fewer audit examples: not timed"
+            )
+            + ".",
             f"- Non-private loop with the DataLoader / floor: **{model['nonprivate_vs_floor']:.3f}** (target ≤ "
             f"{TARGETS['nonprivate_vs_floor']}); fastest opacus / floor {model['opacus_fastest_vs_floor']:.2f}; "
             f"DP + PID / floor {model['dp_pid_vs_floor']:.2f}.",
@@ -614,27 +708,77 @@ def markdown(payload: dict[str, Any], *, started: float) -> str:
             f"{dp['sigma_range'][0]:.3g}–{dp['sigma_range'][1]:.3g} over the timed steps.",
             "",
         ]
-    cli = payload.get("cli")
-    if cli:
-        lines += ["## `adaptive-dp train`, one epoch (wall time from summary.json)", ""]
-        for name, run in cli.items():
-            if not isinstance(run, dict):
-                continue
-            lines.append(
-                f"- {name}: "
-                + (
-                    f"`{run['command']}`: {run['epoch_wall_s']:.1f} s for {run['steps']} "
-                    f"steps (whole process {run['process_cpu_s']:.1f} CPU s)"
-                    if run["available"]
-                    else run["note"]
-                )
-            )
-        lines += [
-            f"- CLI DP + PID epoch / hand-written loop (wall): {fmt(cli['cli_dp_pid_vs_loop_wall'])}; CLI "
-            f"non-private epoch / floor (wall): {fmt(cli['cli_nonprivate_vs_floor_wall'])}.",
-            "",
-        ]
+    lines += _cli_lines(payload.get("cli"))
+    load = payload["loadavg"]
+    lines += [
+        f"Load average (1, 5, 15 min) at the start {_load(load['start'])}, at the end {_load(load['end'])}"
+        + (
+            f"; CLI rounds: at their start {_load(load['cli_start'])}, at their end {_load(load['cli_end'])}"
+            if "cli_start" in load
+            else ""
+        )
+        + "; 2 cores shared with other jobs throughout.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _load(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def _cli_lines(cli: dict[str, Any] | None) -> list[str]:
+    """The report's section on ``adaptive-dp train``'s epochs beside the hand-written loops."""
+    if not cli:
+        return []
+    lines = [
+        "## `adaptive-dp train`, one epoch, each beside a hand-written loop in its own process",
+        "",
+        f"{len(cli['rounds'])} rounds of: the CLI's epoch, then the hand-written loop for as many steps right "
+        "after it (same load), each in its own process (`OMP_NUM_THREADS=1`) and measured the same way: the "
+        "process' CPU time (/proc) and wall time between its first and last progress lines (steps 20–192: no "
+        "start-up, data loading, test evaluation or outputs; W&B's separate service process is outside); medians "
+        "over the rounds.",
+        "",
+    ]
+    header = [
+        "CLI run",
+        "CPU ms/step",
+        "loop",
+        "loop CPU ms/step",
+        "CLI / loop CPU (paired)",
+        "target",
+        "wall ms/step",
+        "loop wall ms/step",
+        "CLI / loop wall (paired)",
+        "CLI epoch wall s (steps)",
+    ]
+    targets = {"nonprivate": TARGETS["nonprivate_vs_floor"], "dp_pid": TARGETS["dp_pid_vs_opacus_fastest"]}
+    rows = [
+        [
+            f"`{cli['command_' + name]}`"
+            + (f" ({cli[name]['grad_sample_mode']})" if name == "dp_pid" else ""),
+            cli[name]["cpu_ms_per_step"],
+            f"`{cli['reference'][name]}`",
+            cli[name]["loop_cpu_ms_per_step"],
+            f"**{cli[name]['ratio_cpu']:.3f}**",
+            f"≤ {targets[name]}",
+            cli[name]["wall_ms_per_step"],
+            cli[name]["loop_wall_ms_per_step"],
+            cli[name]["ratio_wall"],
+            f"{cli[name]['epoch_wall_s']:.1f} ({cli[name]['steps']})",
+        ]
+        for name in cli["reference"]
+    ]
+    lines += [markdown_table(header, rows), ""]
+    per_round = "; ".join(
+        ", ".join(
+            f"{k} CPU {v['ratio_cpu']:.3f}, wall {v['ratio_wall']:.3f} (load {v['loadavg'][0]:.2f})"
+            for k, v in rec.items()
+        )
+        for rec in cli["rounds"]
+    )
+    return lines + [f"- Per round: {per_round}.", ""]
 
 
 def headline(payload: dict[str, Any]) -> dict[str, Any]:
@@ -655,8 +799,15 @@ def headline(payload: dict[str, Any]) -> dict[str, Any]:
         "epoch_cpu_s": {
             k: {s: round(r["epoch_cpu_s"], 2) for s, r in m["setups"].items()} for k, m in models.items()
         },
-        "cli_dp_pid_vs_loop_wall": cli.get("cli_dp_pid_vs_loop_wall"),
-        "cli_nonprivate_vs_floor_wall": cli.get("cli_nonprivate_vs_floor_wall"),
+        "dp_pid_without_monitor_vs_opacus_fastest": max(
+            m["dp_pid_without_monitor_vs_opacus_fastest"] for m in models.values()
+        ),
+        "small_audit_vs_opacus_fastest": {k: m["small_audit_vs_opacus_fastest"] for k, m in models.items()},
+        "cli_dp_pid_vs_opacus_fastest": (cli.get("dp_pid") or {}).get("ratio_cpu"),
+        "cli_nonprivate_vs_floor": (cli.get("nonprivate") or {}).get("ratio_cpu"),
+        "cli_dp_pid_vs_opacus_fastest_wall": (cli.get("dp_pid") or {}).get("ratio_wall"),
+        "cli_nonprivate_vs_floor_wall": (cli.get("nonprivate") or {}).get("ratio_wall"),
+        "loadavg": payload["loadavg"],
         "seconds": payload["seconds"],
     }
 
@@ -667,7 +818,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--models",
         nargs="+",
         default=None,
-        help="models (default: small-cnn tanh-cnn; --quick and --smoke: small-cnn)",
+        help="models (default: small-cnn; tanh-cnn also works)",
     )
     parser.add_argument(
         "--steps",
@@ -696,30 +847,77 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=["offline", "disabled"],
         help="W&B mode of the DP + PID set-up's logging (the CLI's default: offline)",
     )
+    parser.add_argument(
+        "--small-audit",
+        nargs="*",
+        type=int,
+        default=[64],
+        help="also time DP + PID (first --adaptive-modes mode) with the monitor capped at these many audit "
+        "examples (default 64, as overhead.py; the monitor's own cap is 256)",
+    )
     parser.add_argument("--no-cli", action="store_true", help="full mode: skip timing `adaptive-dp train`")
+    parser.add_argument(
+        "--cli-rounds",
+        type=int,
+        default=2,
+        help="full mode: rounds of the CLI epochs and their loops (default 2)",
+    )
+    parser.add_argument(
+        "--cli-only",
+        action="store_true",
+        help="rerun only the CLI rounds and merge them into the results of --out-dir (kept: the breakdown)",
+    )
+    parser.add_argument("--reference-loop", default=None, help=argparse.SUPPRESS)  # internal: a CLI reference
     args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
+    if args.reference_loop:
+        reference_loop(args.reference_loop, steps=args.steps, data_dir=args.data_dir, seed=args.seed)
+        return {}
     os.environ.setdefault("WANDB_SILENT", "true")
     started = time.time()
+    out_dir = Path(args.out_dir)
+    if args.cli_only:
+        payload = json.loads((out_dir / f"{NAME}.json").read_text(encoding="utf-8"))
+        payload["loadavg"]["cli_start"] = list(os.getloadavg())
+        with tempfile.TemporaryDirectory() as tmp:
+            payload["cli"] = _time_cli(payload["models"], args=args, work=Path(tmp))
+        payload["loadavg"]["cli_end"] = list(os.getloadavg())
+        payload["cli_command"] = _common.command_line()
+    else:
+        payload = _measure(args, started=started)
+    _common.write_json(out_dir / f"{NAME}.json", payload)
+    _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started))
+    summary = headline(payload)
+    _common.print_summary(summary)
+    return summary
+
+
+def _time_cli(models: dict[str, Any], *, args, work: Path) -> dict[str, Any]:
+    return time_cli(
+        fastest=models["small-cnn"]["opacus_fastest"],
+        data_dir=args.data_dir,
+        threads=args.threads,
+        seed=args.seed,
+        rounds=args.cli_rounds,
+        work=work,
+    )
+
+
+def _measure(args, *, started: float) -> dict[str, Any]:
+    """The breakdown of every model, then (full mode, small-cnn) the CLI rounds: the results' payload."""
     dataset = "digits" if args.smoke else "cifar10"
     data = load_split(dataset, data_dir=args.data_dir, seed=args.seed)
     args.block = args.block or (2 if args.smoke else MONITOR_EVERY)
     args.steps = args.steps or (4 if args.smoke else 40 if args.quick else math.ceil(len(data[0]) / BATCH))
-    names = args.models or (["small-cnn"] if args.quick or args.smoke else ["small-cnn", "tanh-cnn"])
+    names = args.models or ["small-cnn"]
+    loadavg = {"start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {m: bench_model(m, data, args=args, log_dir=Path(tmp)) for m in names}
+        models = {m: bench_model(m, data, args=args, log_dir=Path(tmp))[0] for m in names}
         cli = None
-        if not (args.quick or args.smoke or args.no_cli):
-            small = models["small-cnn"]
-            cli = time_cli(
-                data_dir=args.data_dir,
-                threads=args.threads,
-                seed=args.seed,
-                work=Path(tmp) / "cli",
-                mode=small["dp_pid_fastest"][len("dp_pid_") :],
-            )
-            cli.update(cli_ratios(cli, models["small-cnn"]["setups"]))
-    payload = {
+        if not (args.quick or args.smoke or args.no_cli) and "small-cnn" in models:
+            cli = _time_cli(models, args=args, work=Path(tmp) / "cli")
+    loadavg["end"] = list(os.getloadavg())
+    return {
         "benchmark": NAME,
         "quick": args.quick,
         "smoke": args.smoke,
@@ -732,14 +930,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS,
         "models": models,
         "cli": cli,
+        "loadavg": loadavg,
         "seconds": round(time.time() - started, 1),
     }
-    out_dir = Path(args.out_dir)
-    _common.write_json(out_dir / f"{NAME}.json", payload)
-    _common.write_markdown(out_dir / f"{NAME}.md", markdown(payload, started=started))
-    summary = headline(payload)
-    _common.print_summary(summary)
-    return summary
 
 
 if __name__ == "__main__":

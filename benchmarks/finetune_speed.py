@@ -8,10 +8,11 @@ the values), C = 1, σ = 1, one torch thread:
    ``functorch``, ``ghost`` (fast gradient clipping, two backward passes, no per-sample gradients) — for
    ``vit-tiny`` and the 4× larger ``vit-small``, full fine-tuning and LoRA (rank 8 on the query/value
    projections + the head).
-2. **One leakage-monitor reading** (likelihood-ratio estimator, N audit examples): today's path
-   (``LeakageMonitor.read``: materialised [N, P] per-sample gradients by vmap(grad), clipped, centred Gram
-   matrix) against the Gram path (:func:`adaptive_dp.leakage.gram.parameter_grams` → ``clipped_gram`` →
-   ``centre_gram`` → ``estimate_from_gram``: one batched pass, per-layer Gram contributions, never N×P).
+2. **One leakage-monitor reading** (``LeakageMonitor.read``, likelihood-ratio estimator, N audit examples)
+   by each of the monitor's ``gradient_path``s: ``"materialised"`` ([N, P] per-sample gradients by
+   vmap(grad), clipped, centred Gram matrix) and ``"gram"`` (the default's path:
+   :func:`adaptive_dp.leakage.gram.parameter_grams` → ``clipped_gram`` → ``centre_gram`` →
+   ``estimate_from_gram``: one batched pass, per-layer Gram contributions, never N×P).
 
 Each configuration runs in its own process. Times: median wall and CPU milliseconds after one warm-up (the
 machine is shared: CPU time is the steadier figure). Memory (CPU, no GPU here): the process's peak resident
@@ -23,6 +24,8 @@ OS and resident memory tracks live tensors (the timed runs use the default alloc
     python benchmarks/finetune_speed.py --smoke      # vit-tiny, batch 4, N = 4, in one process: the plumbing only
     python benchmarks/finetune_speed.py --quick      # vit-tiny only, batch 32, N = 32 (≤ 3 min on 2 cores)
     python benchmarks/finetune_speed.py              # vit-tiny and vit-small, batch 64, N = 64
+    python benchmarks/finetune_speed.py --part readings   # rerun the readings only; keep the steps of the
+                                                          # committed JSON of the same mode (merged)
 
 Writes ``benchmarks/results/finetune_speed.{json,md}``; the last stdout line is one JSON object.
 """
@@ -138,30 +141,27 @@ def _step_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reading_fn(spec: dict[str, Any], model, audit):
-    """A function taking one likelihood-ratio reading (σ = 1, C = 1) by the given path; returns the MI."""
-    import torch
-    import torch.nn.functional as F
+    """A function taking one likelihood-ratio monitor reading (σ = 1, C = 1) by ``spec["path"]``; returns the MI.
 
-    from adaptive_dp.leakage.gradients import hook_free_copy
-    from adaptive_dp.leakage.gram import centre_gram, clipped_gram, parameter_grams
-    from adaptive_dp.leakage.likelihood_ratio import LikelihoodRatioEstimator
+    Raises:
+        RuntimeError: the monitor took another path than the one forced (it never should).
+    """
     from adaptive_dp.leakage.monitor import LeakageMonitor
 
-    if spec["path"] == "materialised":
-        monitor = LeakageMonitor(model, audit, max_grad_norm=1.0, max_audit=len(audit[0]), seed=spec["seed"])
-        return lambda: monitor.read(noise_multiplier=1.0).mi
-    shadow = hook_free_copy(model)
-    estimator = LikelihoodRatioEstimator()
-    state = {"generator": torch.Generator().manual_seed(spec["seed"])}
+    monitor = LeakageMonitor(
+        model,
+        audit,
+        max_grad_norm=1.0,
+        max_audit=len(audit[0]),
+        seed=spec["seed"],
+        gradient_path=spec["path"],
+    )
 
     def read() -> float:
-        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        rest = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        grams, _ = parameter_grams(shadow, *audit, loss_fn=F.cross_entropy, params=params, buffers=rest)
-        kernel = centre_gram(clipped_gram(grams, 1.0))
-        return estimator.estimate_from_gram(
-            kernel, noise_multiplier=1.0, max_grad_norm=1.0, generator=state["generator"]
-        ).mi
+        mi = monitor.read(noise_multiplier=1.0).mi
+        if monitor.last_path != spec["path"]:
+            raise RuntimeError(f"the monitor read by {monitor.last_path}, not {spec['path']}")
+        return mi
 
     return read
 
@@ -297,6 +297,10 @@ def _report(payload: dict[str, Any], started: float) -> str:
         "Memory": "VmHWM − VmRSS around one more step/reading, started with no gradients held (CPU resident "
         "memory, MiB; glibc mmap threshold 64 KiB for that measurement)",
     }
+    for part, command in payload.get("kept", {}).items():
+        extra[f"Kept {part}"] = (
+            f"the {part} rows are those of an earlier run, `{command}` (this run: `--part`)"
+        )
     step_header = [
         "model",
         "tuning",
@@ -319,11 +323,17 @@ def _report(payload: dict[str, Any], started: float) -> str:
             markdown_table(step_header, step_rows),
             "## One likelihood-ratio monitor reading",
             markdown_table(reading_header, reading_rows),
-            "`materialised` = today's `LeakageMonitor.read` ([N, P] per-sample gradients by vmap(grad)); `gram` = "
+            "Both rows are `LeakageMonitor.read` (σ = 1, C = 1, default options) with `gradient_path` forced: "
+            "`materialised` = [N, P] per-sample gradients by vmap(grad) in chunks of `batch_size` = 64, clipped, "
+            'centred Gram matrix; `gram` (what the default `"auto"` takes for the likelihood-ratio estimator) = '
             "`parameter_grams` → `clipped_gram` → `centre_gram` → `estimate_from_gram` (per-layer contributions "
-            "from the activations and output gradients of one batched pass). Both use the same seed and draw the "
-            "same noise: their MI columns agree to float rounding (`max_mi_rel_diff_gram_vs_materialised` in the "
-            "JSON headline). LoRA models are at the start of fine-tuning (B = 0, seeded A).",
+            "from the activations and output gradients of one batched pass, never N×P). Both use the same seed and "
+            "draw the same noise: their MI columns agree to float rounding "
+            f"(max relative difference {payload['headline']['max_mi_rel_diff_gram_vs_materialised']:.1e}, "
+            "`max_mi_rel_diff_gram_vs_materialised` in the JSON headline: both sum their products in float64, "
+            "but their float32 per-sample gradients come from different operation orders). The wall column "
+            "counts waiting for a shared core; CPU ms is the figure to compare. LoRA models are at the start of "
+            "fine-tuning (B = 0, seeded A).",
         ]
     )
 
@@ -347,12 +357,43 @@ def _headline(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _previous(path: Path, args, models: list[str]) -> dict[str, Any]:
+    """The committed results a ``--part`` run keeps the other part of.
+
+    Raises:
+        SystemExit: no readable results of the same mode, models, batch and N at ``path``.
+    """
+    if args.part == "all":
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    cfg = old.get("config", {})
+    same = (
+        bool(old.get("quick")) == args.quick
+        and bool(old.get("smoke")) == args.smoke
+        and cfg.get("models") == models
+        and (cfg.get("batch"), cfg.get("n_audit")) == (args.batch, args.n_audit)
+    )
+    if not same:
+        raise SystemExit(f"--part {args.part}: no results of this mode and configuration in {path} to keep")
+    return old
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 64; --quick 32)")
     parser.add_argument("--n-audit", type=int, default=None, help="audit examples (default 64; --quick 32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
+    parser.add_argument(
+        "--part",
+        choices=("all", "steps", "readings"),
+        default="all",
+        help="run only the DP-SGD steps or only the monitor readings; the other part comes from the JSON "
+        "already in --out-dir (same mode, same models), its command recorded",
+    )
     args = _common.parse_args(parser, argv)
     if args.worker is not None:
         worker_main(json.loads(args.worker))
@@ -379,9 +420,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "models": models,
             "seed": args.seed,
         },
-        "steps": [run(s) for s in step_specs],
-        "readings": [run(s) for s in reading_specs],
     }
+    previous = _previous(Path(args.out_dir) / f"{NAME}.json", args, models)
+    for part, specs in (("steps", step_specs), ("readings", reading_specs)):
+        if args.part in ("all", part):
+            payload[part] = [run(s) for s in specs]
+        else:
+            payload[part] = previous[part]
+            payload.setdefault("kept", {})[part] = previous.get("kept", {}).get(part) or previous["command"]
     payload["headline"] = _headline(payload)
     payload["seconds"] = round(time.time() - started, 1)
     out_dir = Path(args.out_dir)

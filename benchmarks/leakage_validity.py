@@ -26,6 +26,19 @@ A pair where one side is constant over all points has no ρ (reported as null).
     python benchmarks/leakage_validity.py --smoke                 # seconds, digits: the plumbing only
 
 Writes ``benchmarks/results/leakage_validity.{json,md,png}`` and prints one JSON object as the last stdout line.
+
+``--model vit-tiny`` runs the same meters and identification attack on a ViT (``vit-tiny``, full fine-tuning;
+default data set CIFAR-10) at the stages of public pretraining + private fine-tuning instead: the model is
+pretrained non-privately on a seeded public split of the training set
+(:func:`adaptive_dp.training.public_split.carve_public_split`, the split ``adaptive-dp pretrain`` uses; a minimal
+Adam loop here, without ``pretrain``'s per-epoch evaluation on the whole test set), then fine-tuned with DP-SGD
+(``AdaptivePrivacyEngine.make_private``, no monitor) on training images outside that split; the stages are
+numbers of DP steps (0 = the public checkpoint). The audit images are test images, disjoint from both. No
+reconstruction attack or I²F on the ViT (they run on LeNet only): identification only. Results go to
+``benchmarks/results/leakage_validity_vit.{json,md,png}``:
+
+    python benchmarks/leakage_validity.py --model vit-tiny        # ≈ 25 min on one thread
+    python benchmarks/leakage_validity.py --model vit-tiny --quick
 """
 
 from __future__ import annotations
@@ -71,6 +84,14 @@ class ValidityConfig:
             loss wins).
         i2f_probes: Hutchinson probes of the expected I²F bound.
         seed: seeds subsets, initialisation and noise.
+        pretrain_examples: > 0: the public-checkpoint protocol (``--model vit-tiny``): that many training
+            images form the public split the model is pretrained on, ``stage_epochs`` is unused and the stages
+            are ``dp_steps``; 0: the stages are ``stage_epochs`` of non-private training from initialisation.
+        pretrain_epochs: epochs of non-private Adam (``lr``, ``batch_size``) over the public split.
+        dp_steps: stages as DP-SGD fine-tuning steps after the public checkpoint (0 = the checkpoint itself).
+        dp_batch_size, dp_noise_multiplier, dp_lr: the DP fine-tuning (Poisson sampling at rate
+            ``dp_batch_size`` / private images, C = ``MAX_GRAD_NORM``, Adam); the private images are
+            ``dp_batch_size × max(dp_steps)`` seeded training images outside the public split.
     """
 
     sigmas: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -91,6 +112,12 @@ class ValidityConfig:
     ig_restarts: int = 1
     i2f_probes: int = 8
     seed: int = 0
+    pretrain_examples: int = 0
+    pretrain_epochs: int = 3
+    dp_steps: tuple[int, ...] = (0,)
+    dp_batch_size: int = 64
+    dp_noise_multiplier: float = 1.0
+    dp_lr: float = 5e-4
 
 
 QUICK = ValidityConfig(
@@ -125,6 +152,34 @@ SMOKE = ValidityConfig(
     dlg_restarts=1,
     i2f_probes=2,
 )
+
+
+#: ``--model vit-tiny``: vit-tiny on CIFAR-10, public checkpoint + DP fine-tuning, identification only
+VIT = ValidityConfig(
+    sigmas=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0),
+    models=("vit-tiny",),
+    n_audit=128,
+    n_attack=0,
+    lr_draws=2,
+    id_trials=2,
+    token_encoders=("span",),
+    token_reads=2,
+    pretrain_examples=10_000,
+    pretrain_epochs=3,
+    dp_steps=(0, 50, 150),
+)
+VIT_QUICK = replace(
+    VIT,
+    sigmas=(1e-3, 0.03, 0.1, 0.3, 1.0, 3.0),
+    n_audit=32,
+    lr_draws=1,
+    token_reads=1,
+    pretrain_examples=1024,
+    pretrain_epochs=1,
+    dp_steps=(0, 10),
+    dp_batch_size=32,
+)
+VIT_SMOKE = replace(VIT_QUICK, sigmas=(1e-3, 0.3, 3.0), n_audit=12, pretrain_examples=128, dp_steps=(0, 2))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -190,6 +245,73 @@ def train_stages(model_name: str, info, train, *, config: ValidityConfig):
                 optimizer.step()
             done += 1
         yield epochs, copy.deepcopy(model).eval()
+
+
+def public_then_private_stages(model_name: str, info, train, *, config: ValidityConfig):
+    """Snapshots of a model pretrained on a public split, then fine-tuned with DP-SGD on private images.
+
+    The public split is :func:`~adaptive_dp.training.public_split.carve_public_split` (``pretrain_examples``
+    training images, seeded); ``pretrain_epochs`` of non-private Adam on it give the checkpoint (stage 0); DP-SGD
+    (``AdaptivePrivacyEngine.make_private``, σ = ``dp_noise_multiplier``, C = ``MAX_GRAD_NORM``, Poisson
+    sampling) on ``dp_batch_size × max(dp_steps)`` other training images continues from it.
+
+    Yields ``(dp_steps_taken, plain_model)`` in ``config.dp_steps`` order (trainable, eval mode; normalised inputs).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+
+    from adaptive_dp.leakage.gradients import hook_free_copy
+    from adaptive_dp.models import build_model
+    from adaptive_dp.privacy_engine import AdaptivePrivacyEngine
+    from adaptive_dp.training.public_split import carve_public_split
+
+    public = carve_public_split(len(train), config.pretrain_examples, seed=config.seed)
+    model = build_model(
+        model_name,
+        in_channels=info.in_channels,
+        num_classes=info.num_classes,
+        image_size=info.image_size,
+        seed=config.seed,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    model.train()
+    for _ in range(config.pretrain_epochs):
+        for x, y in DataLoader(
+            Subset(train, public), batch_size=config.batch_size, shuffle=True, generator=gen
+        ):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    taken = set(public)
+    rest = [int(i) for i in torch.randperm(len(train), generator=gen).tolist() if int(i) not in taken]
+    private = Subset(train, rest[: config.dp_batch_size * max(max(config.dp_steps), 1)])
+    torch.manual_seed(config.seed)  # opacus' Poisson sampling and noise draw from the global generator
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.dp_lr)
+    dp_model, optimizer, loader = AdaptivePrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(private, batch_size=config.dp_batch_size),
+        noise_multiplier=config.dp_noise_multiplier,
+        max_grad_norm=MAX_GRAD_NORM,
+    )
+    done = 0
+    for steps in sorted(config.dp_steps):
+        dp_model.train()
+        while done < steps:
+            for x, y in loader:
+                if done == steps:
+                    break
+                optimizer.zero_grad()
+                F.cross_entropy(dp_model(x), y).backward()
+                optimizer.step()
+                done += 1
+        optimizer.zero_grad(set_to_none=True)  # no per-sample or summed gradients in the snapshot
+        snapshot = hook_free_copy(model)  # the module opacus wraps, without its hooks
+        for p in snapshot.parameters():
+            p.requires_grad_(True)
+        yield steps, snapshot
 
 
 def test_accuracy(model, info, audit_x, audit_y) -> float:
@@ -394,6 +516,7 @@ class StageResult:
     i2f_images: list[float] = field(default_factory=list)  # [K] at σ = 1
     attacks: dict[str, dict[str, list]] = field(default_factory=dict)  # dlg/ig → psnr/ssim → [S][K]
     seconds: float = 0.0
+    stage: str = ""  # public-checkpoint protocol: "public checkpoint + k DP steps" ("epochs" = k)
 
 
 def evaluate_stage(
@@ -474,6 +597,8 @@ def point_table(stages: list[StageResult]) -> list[dict[str, Any]]:
                 "cap": st.cap,
                 "identification": st.identification[i],
             }
+            if st.stage:
+                row["stage"] = st.stage
             row.update({m: v[i] for m, v in st.meters.items()})
             if st.attacks:
                 for name, q in st.attacks.items():
@@ -588,14 +713,18 @@ def run_dataset(
     start = time.perf_counter()
     train, audit_x, audit_y, info = load_data(dataset, data_dir=data_dir, config=config)
     stages: list[StageResult] = []
+    public = config.pretrain_examples > 0
     for model_name in config.models:
-        for epochs, model in train_stages(model_name, info, train, config=config):
+        stages_of = public_then_private_stages if public else train_stages
+        for epochs, model in stages_of(model_name, info, train, config=config):
             st = evaluate_stage(dataset, model_name, epochs, model, info, audit_x, audit_y, config=config)
+            if public:
+                st.stage = f"public checkpoint + {epochs} DP steps"
             stages.append(st)
             if progress:
                 print(
-                    f"[{dataset}] {model_name} after {epochs} epoch(s): acc {st.accuracy:.3f}, "
-                    f"{st.seconds:.1f} s",
+                    f"[{dataset}] {model_name} {st.stage or f'after {epochs} epoch(s)'}: acc {st.accuracy:.3f}, "
+                    f"{st.seconds:.1f} s, {time.perf_counter() - start:.0f} s so far",
                     flush=True,
                 )
     rows = point_table(stages)
@@ -692,7 +821,12 @@ def plot(by_dataset: dict[str, dict], path: Path) -> None:
         ax_i2f.scatter([r["i2f"] for r in rp], [r["ig_psnr"] for r in rp], s=14, marker="s", label="IG")
         ax_id.set(xlabel="MI (nats)", ylabel="identification rate", title=f"{name}: MI vs identification")
         ax_psnr.set(xlabel="MI (nats)", ylabel="best PSNR (dB)", title=f"{name}: MI vs PSNR (LeNet)")
-        ax_i2f.set(xlabel="I²F lower bound", ylabel="PSNR (dB)", xscale="log", title=f"{name}: I²F vs PSNR")
+        ax_i2f.set(
+            xlabel="I²F lower bound",
+            ylabel="PSNR (dB)",
+            xscale="log" if rp else "linear",
+            title=f"{name}: I²F vs PSNR" if rp else f"{name}: no I²F / reconstruction (identification only)",
+        )
         ax_sigma.set(
             xlabel="σ", ylabel="MI (nats, mean over stages/models)", xscale="log", title=f"{name}: MI vs σ"
         )
@@ -703,12 +837,34 @@ def plot(by_dataset: dict[str, dict], path: Path) -> None:
     _common.save_figure(fig, path)
 
 
+def _public_protocol_line(name: str, d: dict[str, Any]) -> str:
+    """The .md line describing a data set run under the public-checkpoint protocol (``--model vit-tiny``)."""
+    c = d["config"]
+    return (
+        f"- **{name}:** audit = {c['n_audit']} random TEST images (never trained on); {', '.join(c['models'])} "
+        f"(full fine-tuning) pretrained non-privately on a seeded public split of {c['pretrain_examples']} "
+        f"TRAINING images ({c['pretrain_epochs']} epochs of Adam, lr {c['lr']}, batch {c['batch_size']}), then "
+        f"fine-tuned with DP-SGD (σ = {c['dp_noise_multiplier']}, C = {MAX_GRAD_NORM}, Poisson batches of "
+        f"{c['dp_batch_size']}, Adam lr {c['dp_lr']}) on other training images; stages = DP steps "
+        f"{c['dp_steps']} after the public checkpoint; σ grid {c['sigmas']}; {c['lr_draws']} likelihood-ratio "
+        f"readings averaged per σ; {c['id_trials']} identification trials per candidate; token-mine encoders "
+        f"{c['token_encoders']} ({c['token_reads']} reads per σ); no reconstruction attack or I²F on this "
+        f"model (identification only); run time {d['seconds']:.0f} s; command `{d.get('command')}`"
+    )
+
+
+def _title_suffix(payload: dict[str, Any]) -> str:
+    models = payload.get("model")
+    return f" — {models}, public checkpoint + DP fine-tuning" if models and models != "cnn" else ""
+
+
 def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: bool = False) -> str:
     """The .md report: provenance, headline, per-data-set correlation tables, per-example ranks, notes."""
     head = payload["headline"]
     extra = _common.REBUILT_NOTE if rebuilt else None
     lines = [
-        f"# Leakage validity: do the meters track real attacks?{' (QUICK MODE)' if quick else ''}",
+        f"# Leakage validity: do the meters track real attacks?{_title_suffix(payload)}"
+        f"{' (QUICK MODE)' if quick else ''}",
         "",
         _common.provenance_block(
             quick=quick, smoke=payload.get("smoke", False), started=started, extra=extra
@@ -717,6 +873,9 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
     ]
     for name, d in sorted(payload["by_dataset"].items()):
         c = d["config"]
+        if c.get("pretrain_examples"):
+            lines += [_public_protocol_line(name, d)]
+            continue
         lines += [
             f"- **{name}:** audit = {c['n_audit']} random TEST images (never trained on), attacked images "
             f"= first {c['n_attack']}; models {', '.join(c['models'])} trained non-privately (Adam, lr "
@@ -789,11 +948,12 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
             "",
         ]
         rows = []
+        staged = any("stage" in r for r in d["points"])
         for r in d["points"]:
             rows.append(
                 [
                     r["model"],
-                    r["epochs"],
+                    r.get("stage", r["epochs"]),
                     r["sigma"],
                     r.get(LR),
                     *[r.get(m) for m in d["meters"] if m != LR],
@@ -810,7 +970,7 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
             markdown_table(
                 [
                     "model",
-                    "epochs",
+                    "stage" if staged else "epochs",
                     "σ",
                     LR,
                     *[m for m in d["meters"] if m != LR],
@@ -826,10 +986,10 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
             "</details>",
             "",
         ]
-        acc = {(s["model"], s["epochs"]): s["accuracy"] for s in d["stages"]}
+        acc = {(s["model"], s.get("stage") or f"{s['epochs']} ep"): s["accuracy"] for s in d["stages"]}
         lines += [
             "Stage accuracies on the audit (test) images: "
-            + ", ".join(f"{m} @ {e} ep: {fmt(a)}" for (m, e), a in acc.items()),
+            + ", ".join(f"{m} @ {e}: {fmt(a)}" for (m, e), a in acc.items()),
             "",
         ]
         summ = d["per_example_summary"]
@@ -855,7 +1015,14 @@ def markdown(payload: dict[str, Any], *, started: float, quick: bool, rebuilt: b
         "saturates (and ties) where reconstruction still varies, so ρ vs PSNR is expected to be lower.",
         "- Models are trained without DP for the stages (the parameters only set where on the training "
         "path the leakage is measured); every release is one example's clipped gradient (C = 1) plus "
-        "N(0, σ²C²) noise — the worst case of a batch of one.",
+        "N(0, σ²C²) noise — the worst case of a batch of one."
+        if payload.get("model", "cnn") == "cnn"
+        else "- Stages: a public checkpoint (non-private pretraining on the public split) and the same model after "
+        "DP-SGD fine-tuning steps on private images (the parameters only set where on the fine-tuning path the "
+        "leakage is measured); every release is one example's clipped gradient (C = 1) plus N(0, σ²C²) noise — "
+        "the worst case of a batch of one. The likelihood-ratio readings go through the monitor's Gram path "
+        "(its default); the per-example terms and the identification attack use materialised per-sample "
+        "gradients.",
     ]
     return "\n".join(lines)
 
@@ -869,16 +1036,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="data set(s) to run (default: mnist and cifar10); results of earlier invocations "
         "of the same mode are merged",
     )
+    parser.add_argument(
+        "--model",
+        choices=["cnn", "vit-tiny"],
+        default="cnn",
+        help="cnn (default): small-cnn and LeNet from initialisation, results in leakage_validity.*; vit-tiny: "
+        "a public checkpoint + DP fine-tuning stages, identification only, results in leakage_validity_vit.* "
+        "(default data set cifar10)",
+    )
     _common.add_report_only(parser)
     args = _common.parse_args(parser, argv)
     _common.setup_torch(args.threads)
-    config = replace(SMOKE if args.smoke else QUICK if args.quick else ValidityConfig(), seed=args.seed)
+    vit = args.model != "cnn"
+    if vit:
+        config = VIT_SMOKE if args.smoke else VIT_QUICK if args.quick else VIT
+        datasets = ["digits"] if args.smoke else ["cifar10"]
+    else:
+        config = SMOKE if args.smoke else QUICK if args.quick else ValidityConfig()
+        datasets = ["digits"] if args.smoke else ["mnist", "cifar10"]
+    config = replace(config, seed=args.seed, models=(args.model,) if vit else config.models)
     out_dir = Path(args.out_dir)
-    json_path = out_dir / f"{NAME}.json"
+    name = f"{NAME}_vit" if vit else NAME
+    json_path = out_dir / f"{name}.json"
     by_dataset, started = _common.per_dataset_results(
         args,
         json_path,
-        args.dataset or (["digits"] if args.smoke else ["mnist", "cifar10"]),
+        args.dataset or datasets,
         lambda d: run_dataset(d, config=config, data_dir=args.data_dir),
     )
     if args.report_only:
@@ -891,17 +1074,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke": args.smoke,
         "command": _common.command_line(),
         "machine": _common.machine_description(),
+        "model": args.model,
         **head,
         "headline": head,
         "by_dataset": by_dataset,
     }
     _common.write_json(json_path, payload)
-    plot(by_dataset, out_dir / f"{NAME}.png")
+    plot(by_dataset, out_dir / f"{name}.png")
     _common.write_markdown(
-        out_dir / f"{NAME}.md", markdown(payload, started=started, quick=args.quick, rebuilt=args.report_only)
+        out_dir / f"{name}.md", markdown(payload, started=started, quick=args.quick, rebuilt=args.report_only)
     )
     summary = {
         "benchmark": NAME,
+        "model": args.model,
         "quick": args.quick,
         "smoke": args.smoke,
         **head,

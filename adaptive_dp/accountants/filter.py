@@ -20,6 +20,13 @@ B(α) = T · ρ(σ_u, α), so the guarantee is ``target_epsilon`` (at most; with
 next step is the smallest σ that, used for every remaining planned step, keeps every order within budget (the
 even share of what is left). A controller that adds noise above the floor saves budget and lowers later
 floors: a leakage-aware allocation of a fixed budget.
+
+Per-step sample rates (``spend_budget="sample-rate"``, docs/accounting.md). Each step may also use its own Poisson
+rate q_t (chosen, like σ_t, from earlier outputs before the step's batch is drawn): :meth:`RenyiFilter.charge` and
+:meth:`RenyiFilter.floor` take the step's q, and :meth:`RenyiFilter.max_sample_rate` solves for the largest q on
+the geometric grid q_base · 1.01^k that n more steps at a given σ can pay. The theorem is unchanged: the filter
+needs ρ_t to be fixed before step t runs, not the same mechanism at every step (Feldman & Zrnic 2021, §3; Lécuyer
+2021, arXiv:2103.01379, adapts the batch size under a Rényi filter).
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ _BLOCK = 16  # grid rows computed together (one vectorised call) when the floor 
 _SIGMA_LOWEST = 0.01  # floors below this are reported as this (a valid, slightly conservative floor)
 _SIGMA_HIGHEST = 1e6  # opacus' MAX_SIGMA: beyond it the budget cannot pay for any step
 _EPS_TOLERANCE = 1e-7  # ε(B) lies in [target - tolerance · max(1, target), target] (≤ 1e-6 below for ε ≤ 10)
+RATE_GRID_RATIO = (
+    1.01  #: ratio between neighbouring sample rates of :meth:`RenyiFilter.max_sample_rate`'s grid
+)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -123,17 +133,28 @@ class RenyiFilter:
         self._budget = self.planned_steps * self._rho(self.sigma_uniform)
         self._spent = np.zeros(self.orders.size)
         self._steps = 0
-        self.history: list[tuple[float, int]] = []  # (σ, steps), consecutive repeats merged
-        self._rows: dict[int, np.ndarray] = {}  # grid index g -> ρ(σ_u · r^g) at every order
-        self._hint = 0
+        self.history: list[tuple[float, float, int]] = []  # (σ, q, steps), consecutive repeats merged
+        self._rows: dict[
+            tuple[float, int], np.ndarray
+        ] = {}  # (q, grid index g) -> ρ(σ_u · r^g, q), every order
+        self._hints: dict[float, int] = {}  # q -> grid index of the last floor at q
+        self._rate_hint = 0  # grid index k of the last max_sample_rate
         self._row(-1), self._row(0)  # the first floors lie near σ_u
 
     # ----------------------------------------------------------------------------------------------- budget
 
-    def _rho(self, sigma: float) -> np.ndarray:
-        return rdp_sampled_gaussian(
-            sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self._orders_tuple
-        )
+    def _rho(self, sigma: float, sample_rate: float | None = None) -> np.ndarray:
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        return rdp_sampled_gaussian(sample_rate=rate, noise_multiplier=sigma, orders=self._orders_tuple)
+
+    def _rate(self, sample_rate: float | None) -> float:
+        """The step's q (default: the filter's base q), checked to lie in (0, 1]."""
+        if sample_rate is None:
+            return self.sample_rate
+        rate = float(sample_rate)
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}.")
+        return rate
 
     def _epsilon_of(self, rdp: np.ndarray, delta: float) -> float:
         return epsilon_from_rdp(rdp, orders=self.orders, delta=delta)[0]
@@ -213,24 +234,23 @@ class RenyiFilter:
     def _sigma_at(self, g: int) -> float:
         return self.sigma_uniform * _GRID_RATIO**g
 
-    def _row(self, g: int) -> np.ndarray:
-        """ρ(σ_g) at every order; on a miss the whole block of ``_BLOCK`` neighbouring rows is computed at once."""
-        row = self._rows.get(g)
+    def _row(self, g: int, sample_rate: float | None = None) -> np.ndarray:
+        """ρ(σ_g, q) at every order; on a miss the whole block of ``_BLOCK`` neighbouring rows is computed at once."""
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        row = self._rows.get((rate, g))
         if row is None:
             block = range(_BLOCK * (g // _BLOCK), _BLOCK * (g // _BLOCK + 1))
             sigma = np.array([self._sigma_at(k) for k in block])
-            rows = rdp_sampled_gaussian(
-                sample_rate=self.sample_rate, noise_multiplier=sigma, orders=self.orders
-            )
-            self._rows.update(zip(block, rows))
-            row = self._rows[g]
+            rows = rdp_sampled_gaussian(sample_rate=rate, noise_multiplier=sigma, orders=self.orders)
+            self._rows.update(((rate, k), r) for k, r in zip(block, rows))
+            row = self._rows[(rate, g)]
         return row
 
     def _pays(self, rho: np.ndarray, n: int, orders: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Per order: would n more steps of RDP ρ (times 1 + slack) stay within budget? (bool [K'])."""
         return self._spent[orders] + n * rho * (1.0 + _FLOOR_SLACK) <= self._budget[orders]
 
-    def floor(self, *, sigma_max: float | None = None) -> float:
+    def floor(self, *, sigma_max: float | None = None, sample_rate: float | None = None) -> float:
         """The smallest σ that, used for every remaining planned step, keeps every order within its budget.
 
         n = max(remaining_steps, 1) steps (at least one step past the plan); the returned σ satisfies
@@ -242,19 +262,22 @@ class RenyiFilter:
 
         Args:
             sigma_max: the largest σ the caller would use; None = no limit (up to 1e6).
+            sample_rate: q of the next step and, for the even share, of the remaining planned steps (default:
+                the filter's base q); in (0, 1].
 
         Returns:
             σ, or ``inf`` when no σ ≤ ``sigma_max`` can pay for the next step. Floors below 0.01 are reported
             as the grid point just below 0.01 (still a valid floor).
 
         Raises:
-            ValueError: if ``sigma_max`` is not positive.
+            ValueError: if ``sigma_max`` is not positive or ``sample_rate`` is outside (0, 1].
         """
         if sigma_max is not None and not sigma_max > 0:
             raise ValueError(f"sigma_max must be > 0, got {sigma_max}.")
+        rate = self._rate(sample_rate)
         n = max(self.planned_steps - self._steps, 1)
         cap = _SIGMA_HIGHEST if sigma_max is None else min(float(sigma_max), _SIGMA_HIGHEST)
-        if not self._pays(self._rho(cap), n).all():
+        if not self._pays(self._rho(cap, rate), n).all():
             return math.inf
         if cap <= _SIGMA_LOWEST:
             return cap
@@ -263,18 +286,18 @@ class RenyiFilter:
         g_hi = math.floor(math.log(cap / self.sigma_uniform) / log_r)
         while self._sigma_at(g_hi) > cap:
             g_hi -= 1
-        g = self._first_paying_index(n, g_lo, g_hi)
+        g = self._first_paying_index(n, g_lo, g_hi, rate)
         if g is None:  # the cap pays but no grid point ≤ cap does
             return cap
         return self._sigma_at(max(g, g_lo))
 
-    def _first_paying_index(self, n: int, g_lo: int, g_hi: int) -> int | None:
+    def _first_paying_index(self, n: int, g_lo: int, g_hi: int, rate: float) -> int | None:
         """Smallest grid index in [g_lo, g_hi] whose σ pays at every order (ρ is decreasing in σ); None if none."""
 
         def pays(g: int) -> bool:
-            return bool(self._pays(self._row(g), n).all())
+            return bool(self._pays(self._row(g, rate), n).all())
 
-        h = min(max(self._hint, g_lo), g_hi)
+        h = min(max(self._hints.get(rate, 0), g_lo), g_hi)
         if pays(h):  # gallop down to a failing index
             step, hi = 1, h
             lo = h - 1
@@ -282,7 +305,7 @@ class RenyiFilter:
                 hi, step = lo, step * 2
                 lo = max(hi - step, g_lo)
             if lo <= g_lo and pays(g_lo):
-                self._hint = g_lo
+                self._hints[rate] = g_lo
                 return g_lo
         else:  # gallop up to a paying index
             step, lo = 1, h
@@ -298,41 +321,113 @@ class RenyiFilter:
                 hi = mid
             else:
                 lo = mid
-        self._hint = hi
+        self._hints[rate] = hi
         return hi
 
     # ----------------------------------------------------------------------------------------------- charge
 
-    def charge(self, noise_multiplier: float) -> None:
-        """Book one step with noise multiplier σ, or refuse it.
+    def max_sample_rate(self, noise_multiplier: float, *, max_rate: float, steps: int | None = None) -> float:
+        """The largest sample rate on the grid q_base · 1.01^k (k ≥ 0, q ≤ ``max_rate``) that ``steps`` more
+        steps at σ can pay: spent(α) + n · ρ(σ, q, α) ≤ B(α) at every order (with the floor's 1e-12 margin).
+
+        ρ of the sampled Gaussian increases in q (Mironov, Talwar, Zhang 2019), so the grid is searched by
+        galloping from the last answer and bisecting. Never below the base q: when even q_base does not pay at σ,
+        q_base is returned (the floor then raises σ, :meth:`floor`).
+
+        Args:
+            noise_multiplier: σ the next steps are expected to use (> 0).
+            max_rate: the cap on q (≥ base q; values above 1 count as 1).
+            steps: n, the steps to pay for (default: max(remaining planned steps, 1)).
+
+        Returns:
+            q in [base q, min(max_rate, 1)], on the grid (the base q itself for k = 0).
+
+        Raises:
+            ValueError: σ not > 0, ``max_rate`` below the base q, or ``steps`` < 1.
+        """
+        sigma = float(noise_multiplier)
+        if not sigma > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}.")
+        if not max_rate >= self.sample_rate:
+            raise ValueError(f"max_rate must be >= the base sample rate {self.sample_rate}, got {max_rate}.")
+        n = max(self.planned_steps - self._steps, 1) if steps is None else int(steps)
+        if n < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        top = min(float(max_rate), 1.0)
+        k_max = math.floor(math.log(top / self.sample_rate) / math.log(RATE_GRID_RATIO) + 1e-9)
+        while k_max > 0 and self.rate_at(k_max) > top:
+            k_max -= 1
+
+        def pays(k: int) -> bool:
+            return bool(self._pays(self._rho(sigma, self.rate_at(k)), n).all())
+
+        if k_max == 0 or not pays(1):
+            return self.sample_rate
+        lo = min(max(self._rate_hint, 1), k_max)  # invariant below: lo pays, hi fails (or hi = k_max + 1)
+        step = 1
+        if pays(lo):
+            hi = lo + 1
+            while hi <= k_max and pays(hi):
+                lo, step = hi, step * 2
+                hi = min(lo + step, k_max + 1)
+        else:
+            hi = lo
+            lo = max(hi - 1, 1)
+            while lo > 1 and not pays(lo):
+                hi, step = lo, step * 2
+                lo = max(hi - step, 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if pays(mid):
+                lo = mid
+            else:
+                hi = mid
+        self._rate_hint = lo
+        return self.rate_at(lo)
+
+    def rate_at(self, k: int) -> float:
+        """The k-th sample rate of :meth:`max_sample_rate`'s grid: q_base · 1.01^k (k = 0: exactly the base q)."""
+        return self.sample_rate if k == 0 else self.sample_rate * RATE_GRID_RATIO**k
+
+    # ----------------------------------------------------------------------------------------------- charge
+
+    def charge(self, noise_multiplier: float, sample_rate: float | None = None) -> None:
+        """Book one step with noise multiplier σ and Poisson rate q, or refuse it.
 
         Args:
             noise_multiplier: σ of the step about to run (≥ 0; ``inf`` costs nothing).
+            sample_rate: q of the step's batch (default: the filter's base q), in (0, 1].
 
         Raises:
-            PrivacyBudgetExhausted: if spent(α) + ρ(σ, α) would exceed B(α) at any order; nothing is booked
+            PrivacyBudgetExhausted: if spent(α) + ρ(σ, q, α) would exceed B(α) at any order; nothing is booked
                 and the step must not run.
-            ValueError: if σ is negative or NaN.
+            ValueError: if σ is negative or NaN, or q is outside (0, 1].
         """
         sigma = float(noise_multiplier)
         if not sigma >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        rho = np.zeros(self.orders.size) if math.isinf(sigma) else self._rho(sigma)
+        rate = self._rate(sample_rate)
+        rho = np.zeros(self.orders.size) if math.isinf(sigma) else self._rho(sigma, rate)
         new = self._spent + rho
         over = np.flatnonzero(~(new <= self._budget))
         if over.size:
             k = over[0]
             raise PrivacyBudgetExhausted(
                 f"the ε budget ({self.target_epsilon} at δ={self.target_delta}) cannot pay for step "
-                f"{self._steps + 1} at noise_multiplier={sigma:.6g}: RDP at order {self.orders[k]:g} would be "
-                f"{new[k]:.6g} > budget {self._budget[k]:.6g}. Use σ ≥ floor() (inf = budget spent) or stop."
+                f"{self._steps + 1} at noise_multiplier={sigma:.6g}, sample_rate={rate:.6g}: RDP at order "
+                f"{self.orders[k]:g} would be {new[k]:.6g} > budget {self._budget[k]:.6g}. Use σ ≥ floor() "
+                "(inf = budget spent) or stop."
             )
         self._spent = new
         self._steps += 1
-        if self.history and self.history[-1][0] == sigma:
-            self.history[-1] = (sigma, self.history[-1][1] + 1)
+        if self.history and self.history[-1][:2] == (sigma, rate):
+            self.history[-1] = (sigma, rate, self.history[-1][2] + 1)
         else:
-            self.history.append((sigma, 1))
+            self.history.append((sigma, rate, 1))
+
+    def spent_fraction(self) -> float:
+        """The share of the budget spent at the order where it is largest: max_α spent(α) / B(α), in [0, 1]."""
+        return float(np.max(self._spent / self._budget))
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -353,7 +448,7 @@ class RenyiFilter:
             "budget": self._budget.tolist(),
             "spent": self._spent.tolist(),
             "steps": self._steps,
-            "history": [tuple(h) for h in self.history],
+            "history": [tuple(h) for h in self.history],  # (σ, q, steps)
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -385,8 +480,12 @@ class RenyiFilter:
         self._budget = np.array(budget, dtype=np.float64)
         self._spent = np.array(spent, dtype=np.float64)
         self._steps = steps
-        self.history = [(float(s), int(c)) for s, c in history]
-        self._rows, self._hint = {}, 0
+        base = self.sample_rate  # states saved before per-step rates hold (σ, steps) pairs
+        self.history = [
+            (float(h[0]), base, int(h[1])) if len(h) == 2 else (float(h[0]), float(h[1]), int(h[2]))
+            for h in history
+        ]
+        self._rows, self._hints, self._rate_hint = {}, {}, 0
 
     def __repr__(self) -> str:
         return (

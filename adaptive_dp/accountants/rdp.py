@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
@@ -380,6 +381,26 @@ class IncrementalRDPAccountant(IAccountant):
         else:
             self.history.append((noise_multiplier, sample_rate, 1))
         self._mark_synced()
+
+    def get_optimizer_hook_fn(self, sample_rate: float) -> Callable[[Any], None]:
+        """opacus' step hook (booked after each real step), booking the step's own sample rate when it has one.
+
+        As opacus' ``IAccountant.get_optimizer_hook_fn``: books ``(optim.noise_multiplier, q ·
+        optim.accumulated_iterations)``, where q is the optimizer's public ``step_sample_rate`` when it is set (the
+        Poisson rate the step's batch was drawn at, ``spend_budget="sample-rate"``), else ``sample_rate``.
+
+        Args:
+            sample_rate: q of every step (opacus passes 1 / len(data_loader)).
+        """
+
+        def hook_fn(optim: Any) -> None:
+            rate = getattr(optim, "step_sample_rate", None)
+            rate = sample_rate if rate is None else rate
+            self.step(
+                noise_multiplier=optim.noise_multiplier, sample_rate=rate * optim.accumulated_iterations
+            )
+
+        return hook_fn
 
     def _add(self, rho: np.ndarray) -> None:
         # Neumaier summation: the running vector stays within a few ulps of the exact sum after 1e6+ steps

@@ -2,7 +2,8 @@
 
 ``adaptive-dp train ...`` trains with DP-SGD on real data and tracks ε, σ and MI;
 ``adaptive-dp attack ...`` runs gradient-inversion / identification attacks; ``adaptive-dp sweep ...`` runs a
-grid of ``train`` runs. ``adaptive-dp CMD --help``
+grid of ``train`` runs; ``adaptive-dp pretrain ...`` trains without privacy on a declared public split, for
+``train --init``. ``adaptive-dp CMD --help``
 lists each command's options. Also runnable as ``python -m adaptive_dp.cli`` (e.g. under ``torchrun``).
 Building the parser imports only the standard library, so ``adaptive-dp --help`` answers at once; option
 values that name registered things (``--model``, ``--dataset``) are checked against the registries
@@ -29,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attack the gradients DP-SGD releases (DLG, iDLG, IG, identification)",
     ),
     "sweep": ("adaptive_dp.cli.sweep", "run a grid of train runs and chart their ε–MI–accuracy frontier"),
+    "pretrain": (
+        "adaptive_dp.cli.pretrain",
+        "pretrain a model without privacy on a declared public split (for train --init)",
+    ),
 }
 
 

@@ -38,6 +38,7 @@ from adaptive_dp.training.config import (
     GRAD_SAMPLE_MODES,
     OPTIMIZERS,
     SCHEDULE_CONTROLLERS,
+    SPEND_MODES,
     TOKEN_ENCODERS,
     WANDB_MODES,
     TrainConfig,
@@ -70,7 +71,29 @@ def _add_data_options(parser: argparse.ArgumentParser, d: dict) -> None:
         help="data root holding mnist/, fashion-mnist/, cifar10-jpeg/ ... (default: $ADAPTIVE_DP_DATA)",
     )
     data.add_argument(
-        "--model", default=d["model"], help="small-cnn, tanh-cnn, resnet20 or lenet (default: %(default)s)"
+        "--model",
+        default=d["model"],
+        help="small-cnn, tanh-cnn, resnet20, lenet, vit-tiny or vit-small (default: %(default)s)",
+    )
+    data.add_argument(
+        "--init",
+        metavar="CKPT",
+        default=None,
+        help="fine-tune the model of `adaptive-dp pretrain --out DIR` (DIR/checkpoint.pt; same --model and "
+        "--dataset): its public examples are removed from the training set before the audit split",
+    )
+    data.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="with --init: train rank-R LoRA adapters and the classification head, the rest frozen; 0 = full "
+        "fine-tuning (default: full fine-tuning)",
+    )
+    data.add_argument(
+        "--lora-targets",
+        default=d["lora_targets"],
+        help="comma-separated layers LoRA adapts (default: %(default)s)",
     )
 
 
@@ -158,6 +181,21 @@ def _add_privacy_options(parser: argparse.ArgumentParser, d: dict) -> None:
         default=None,
         help="hard budget: start at the σ that spends this ε at --delta over --epochs, and let "
         "a Rényi filter floor σ so the guarantee is this ε (also with --controller)",
+    )
+    privacy.add_argument(
+        "--spend-budget",
+        choices=SPEND_MODES,
+        default=None,
+        help="with --target-epsilon: spend what a binding --target-mi ceiling leaves of the budget — 'steps' "
+        "trains past --epochs while the budget pays, 'sample-rate' raises the Poisson batch size of the "
+        "planned steps (off by default: it costs up to --spend-limit × the plan's compute)",
+    )
+    privacy.add_argument(
+        "--spend-limit",
+        type=float,
+        default=None,
+        help="cap on --spend-budget's compute, a multiple of the plan: total steps ('steps') or batch size "
+        "('sample-rate') (default: 4)",
     )
     privacy.add_argument(
         "--delta", type=float, default=d["delta"], help="δ of every ε (default: %(default)s)"
@@ -429,6 +467,13 @@ def _report(summary: dict) -> None:
     if summary["private_metrics_logged"] and not summary["non_private"]:
         print(
             "private metrics logged: the training-batch loss and batch size are published and not covered by ε"
+        )
+    if summary.get("spend_budget"):
+        print(
+            f"spend budget ({summary['spend_budget']}): {summary['steps_past_plan']} steps past the plan of "
+            f"{summary['planned_steps']}, mean q {summary['mean_sample_rate']:.4g} — "
+            f"{summary['compute_vs_plan']:.2f}× the plan's compute, {100 * summary['budget_spent']:.1f} % of the "
+            "budget spent"
         )
     if summary["stopped_early"]:
         print(

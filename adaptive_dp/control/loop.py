@@ -9,6 +9,7 @@ This is where the noise multiplier of every optimizer step is decided. The adapt
                     noise N(0, σ_t² C²)               (opacus)
       step hooks:   opacus' accountant books (σ_t, q)
       pre_step end: loop.book(optimizer, record)      Rényi filter charged, odometer ε, history record appended
+                                                      (spend_budget="sample-rate": q of the next batch set)
       update θ_{t+1}                                  (the wrapped torch optimizer)
       loop.after_update()                             every ``monitor_every`` steps: a reading on θ_{t+1} and the
                                                       audit split, handed to the controller at step t + 1
@@ -58,6 +59,8 @@ class NoiseControlLoop:
         odometer: a :class:`~adaptive_dp.accountants.RenyiOdometer` booking every step (the guarantee of a run with
             data-adaptive σ and no budget), or None.
         sample_rate: q of one step (the odometer books q × the batches accumulated into the step).
+        spender: a :class:`~adaptive_dp.control.spend.BudgetSpender` (``spend_budget``): the step cap, or the q of
+            each step (then charged to the filter and booked by the odometer at that q), else None.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class NoiseControlLoop:
         guard: Any = None,
         odometer: Any = None,
         sample_rate: float | None = None,
+        spender: Any = None,
     ):
         self.accountant = accountant
         self.controller = controller
@@ -93,6 +97,8 @@ class NoiseControlLoop:
         self.guard = guard
         self.odometer = odometer
         self.sample_rate = sample_rate
+        self.spender = spender
+        self._filter_guarantee: float | None = None  # the filter's ε (fixed at construction), once computed
         self.pending_curve: Any = (
             None  # σ′ ↦ (MI, stderr) of the pending reading, for a predictive controller
         )
@@ -107,11 +113,18 @@ class NoiseControlLoop:
         """σ for the next step, set on ``optimizer.noise_multiplier`` before opacus adds the noise.
 
         Raises:
-            PrivacyBudgetExhausted: the budget's floor for this step exceeds ``sigma_max`` (nothing is booked).
-            RuntimeError: the controller returned an invalid σ.
+            PrivacyBudgetExhausted: the budget's floor for this step exceeds ``sigma_max`` (nothing is booked);
+                :class:`~adaptive_dp.control.spend.SpendLimitReached` past ``spend_budget``'s compute cap.
+            RuntimeError: the controller returned an invalid σ, or the sampler's q was changed from outside.
             DistributedError: the ranks are out of step or the broadcast failed.
         """
         step = len(self.history) + 1
+        if self.spender is not None:
+            try:
+                self.spender.check_step(len(self.history))
+            except PrivacyBudgetExhausted:
+                self._exhausted()
+                raise
         # every rank's filter has booked the same σ's, so every rank computes the same floor (and raises
         # PrivacyBudgetExhausted at the same step without a collective)
         floor = self._budget_floor(step) if self.budget_filter is not None else None
@@ -142,12 +155,34 @@ class NoiseControlLoop:
                     "the budget filter books one Poisson batch per step; gradient accumulation over several "
                     "batches changes q — use BatchMemoryManager (virtual steps) instead"
                 )
-            self.budget_filter.charge(sigma)
+            self.budget_filter.charge(sigma, sample_rate=self._step_rate())
+        rate = None if self._step_rate() is None else float(self._step_rate())
         if self.odometer is not None:
-            rate = float(self.sample_rate) * int(getattr(optimizer, "accumulated_iterations", 1))
-            self.odometer.step(noise_multiplier=sigma, sample_rate=min(rate, 1.0))
+            accumulated = rate * int(getattr(optimizer, "accumulated_iterations", 1))
+            self.odometer.step(noise_multiplier=sigma, sample_rate=min(accumulated, 1.0))
         epsilon = float(self.accountant.get_epsilon(self.target_delta)) if self.cheap_epsilon else None
-        self.history.append(record.with_epsilon(epsilon).as_dict())
+        guarantee = self._guarantee(epsilon)
+        self.history.append(
+            record.with_epsilon(epsilon, sample_rate=rate, guarantee_epsilon=guarantee).as_dict()
+        )
+        if self.spender is not None:  # q of the next batch, set before the loader draws it
+            self.spender.after_book(self.budget_filter, sigma)
+
+    def _step_rate(self) -> float | None:
+        """q of the step in progress: the spender's (``spend_budget="sample-rate"``), else the fixed one."""
+        return self.spender.step_rate() if self.spender is not None else self.sample_rate
+
+    def _guarantee(self, epsilon: float | None) -> float | None:
+        """The engine's formal ε after the step: the filter's target (computed once), the Rényi odometer's
+        (≈ 0.4 ms per step, measured; O(#orders)), or the composition ``epsilon`` (σ fixed in advance; None for
+        PRV)."""
+        if self.budget_filter is not None:
+            if self._filter_guarantee is None:
+                self._filter_guarantee = float(self.budget_filter.guarantee_epsilon)
+            return self._filter_guarantee
+        if self.odometer is not None:
+            return float(self.odometer.get_epsilon(self.target_delta))
+        return epsilon
 
     def after_update(self, *, max_grad_norm: float | list[float]) -> None:
         """After θ_{t+1} is applied: take a reading when one is due (it drives σ of the next step)."""
@@ -239,7 +274,7 @@ class NoiseControlLoop:
     def _budget_floor(self, step: int) -> float:
         assert self.budget_filter is not None and self.sigma_max is not None
         try:
-            floor = float(self.budget_filter.floor(sigma_max=self.sigma_max))
+            floor = float(self.budget_filter.floor(sigma_max=self.sigma_max, sample_rate=self._step_rate()))
         except PrivacyBudgetExhausted:
             self._exhausted()
             raise
@@ -270,6 +305,7 @@ class NoiseControlLoop:
             "last_set_sigma": self.last_set_sigma,
             "guard": None if self.guard is None else self.guard.state_dict(),
             "odometer": None if self.odometer is None else self.odometer.state_dict(),
+            "spender": None if self.spender is None else self.spender.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,6 +335,13 @@ class NoiseControlLoop:
             self.guard.load_state_dict(state["guard"])
         if self.odometer is not None:
             self._load_odometer(state.get("odometer"))
+        if (state.get("spender") is None) != (self.spender is None):
+            raise ValueError(
+                "the checkpoint and this engine disagree on spend_budget; call make_private with the saved run's "
+                "spend_budget before load_checkpoint"
+            )
+        if self.spender is not None:
+            self.spender.load_state_dict(state["spender"])
 
     def _load_odometer(self, state: dict[str, Any] | None) -> None:
         if state is not None:

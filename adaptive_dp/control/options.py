@@ -14,9 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AdaptiveOptions", "DEFAULT_MONITOR_EVERY"]
+__all__ = ["AdaptiveOptions", "DEFAULT_MONITOR_EVERY", "DEFAULT_SPEND_LIMIT", "SPEND_MODES"]
 
 DEFAULT_MONITOR_EVERY = 10
+#: values of ``spend_budget`` (None: off).
+SPEND_MODES = ("steps", "sample-rate")
+#: default ``spend_limit``: at most 4× the plan's compute (4× the planned steps, or q ≤ 4 × the base q).
+DEFAULT_SPEND_LIMIT = 4.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +59,14 @@ class AdaptiveOptions:
         canary_kind: gradient canaries' directions: ``"dirac"`` (one coordinate each; O(m) memory) or ``"random"``.
         meter_guard: check a learned estimator against the likelihood-ratio reference and never let it lower σ
             while it cannot see the leakage (:mod:`adaptive_dp.control.guard`); on by default.
+        spend_budget: spend what a binding leakage ceiling leaves of an ε budget (``make_private_with_epsilon``
+            only; off by default since it costs compute; :mod:`adaptive_dp.control.spend`): ``"steps"`` trains past
+            the planned steps while the Rényi filter pays (up to ``spend_limit`` × the planned steps);
+            ``"sample-rate"`` keeps the controller's σ and raises the Poisson rate q of the remaining planned steps
+            so the budget is spent by the end of the plan (q ≤ ``spend_limit`` × the base q, ≤ 1; one process).
+        spend_limit: the extra compute ``spend_budget`` may use, as a multiple of the plan (> 1; default
+            :data:`DEFAULT_SPEND_LIMIT` = 4): total steps for ``"steps"``, the largest q / base q for
+            ``"sample-rate"``.
     """
 
     target_mi: float | None = None
@@ -78,6 +90,8 @@ class AdaptiveOptions:
     canary_mode: str = "gradient"
     canary_kind: str = "dirac"
     meter_guard: bool = True
+    spend_budget: str | None = None
+    spend_limit: float | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -139,6 +153,16 @@ class AdaptiveOptions:
             raise ValueError(f"canary_mode must be 'gradient' or 'input', got {self.canary_mode!r}")
         if self.canary_kind not in ("dirac", "random"):
             raise ValueError(f"canary_kind must be 'dirac' or 'random', got {self.canary_kind!r}")
+        if self.spend_budget is not None and self.spend_budget not in SPEND_MODES:
+            raise ValueError(
+                f"spend_budget must be None (off), 'steps' or 'sample-rate', got {self.spend_budget!r}"
+            )
+        if self.spend_limit is not None and not (
+            _is_number(self.spend_limit) and 1 < self.spend_limit < math.inf
+        ):
+            raise ValueError(
+                f"spend_limit must be a number > 1 (a multiple of the plan's compute), got {self.spend_limit!r}"
+            )
         if self.total_steps is not None and self.epochs is not None:
             raise ValueError("pass either total_steps or epochs, not both")
         if (

@@ -53,6 +53,11 @@ class StepRecord:
         audit_loss: mean loss on the audit split at the reading (public/held-out data), else None.
         meter_blind: True when the blind-meter guard held σ up at this step (the estimator read far below the
             likelihood-ratio reference at its last check; :mod:`adaptive_dp.control.guard`).
+        sample_rate: q the step's Poisson batch was drawn at and booked with (changes per step only with
+            ``spend_budget="sample-rate"``).
+        guarantee_epsilon: the engine's formal ε at its δ after the step (``engine.guarantee_epsilon``: the
+            filter's target under a budget, the Rényi odometer without one, else the composition); None where
+            the accountant is too slow to query every step (PRV).
     """
 
     step: int
@@ -65,10 +70,13 @@ class StepRecord:
     monitor_error: str | None = None
     audit_loss: float | None = None
     meter_blind: bool = False
+    sample_rate: float | None = None
+    guarantee_epsilon: float | None = None
 
-    def with_epsilon(self, epsilon: float | None) -> StepRecord:
-        """A copy with ``epsilon`` set (the odometer is known only after the accountant booked the step)."""
-        return dataclasses.replace(self, epsilon=epsilon)
+    def with_epsilon(self, epsilon: float | None, **booked: Any) -> StepRecord:
+        """A copy with ``epsilon`` set (the odometer is known only after the accountant booked the step), and
+        any other fields known only then (``sample_rate``, ``guarantee_epsilon``)."""
+        return dataclasses.replace(self, epsilon=epsilon, **booked)
 
     def as_dict(self) -> HistoryRecord:
         """The record as a :class:`HistoryRecord` (a plain dict for JSON and the trainer)."""

@@ -64,11 +64,15 @@ class LeakageEstimator:
         name: the registry name (set by :func:`register_estimator`).
         needs_features: the monitor passes the audit examples' data features [N, F] to :meth:`estimate`.
         requires_noise: the estimator needs σ > 0 (the monitor refuses σ = 0 before computing gradients).
+        reads_gram: the estimator needs only the [N, N] centred Gram matrix of the clipped audit gradients and
+            implements :meth:`estimate_from_gram`; the monitor then computes that matrix layer by layer
+            (:mod:`adaptive_dp.leakage.gram`) instead of materialising the [N, P] per-sample gradients.
     """
 
     name: ClassVar[str] = ""
     needs_features: ClassVar[bool] = False
     requires_noise: ClassVar[bool] = False
+    reads_gram: ClassVar[bool] = False
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -95,6 +99,16 @@ class LeakageEstimator:
             max_grad_norm: C > 0, the total clipping norm (the noise std is σ·C).
             generator: the monitor's generator, on the gradients' device, for the noise draws.
             features: [N, F] data features when :attr:`needs_features`, else None.
+        """
+        raise NotImplementedError
+
+    def estimate_from_gram(
+        self, gram: Tensor, *, noise_multiplier: float, max_grad_norm: float, generator: torch.Generator
+    ) -> MIEstimate:  # pragma: no cover
+        """MI (nats) from the [N, N] centred Gram matrix (H G̃ H, G̃ of the clipped audit gradients, float64).
+
+        Only for estimators with :attr:`reads_gram`; the same estimate as :meth:`estimate` on the gradients
+        whose centred Gram matrix ``gram`` is (the arguments as there).
         """
         raise NotImplementedError
 

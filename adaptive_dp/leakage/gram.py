@@ -31,6 +31,11 @@ Other layers holding parameters (LayerNorm, embeddings, ViT's [CLS] token and po
 convolutions, ...) fall back to materialised per-sample gradients of that module alone, from its recorded
 inputs and output gradient (``torch.func.vmap`` of ``vjp`` over the examples), the way opacus' functorch mode
 handles layers it has no rule for.
+
+:class:`~adaptive_dp.leakage.monitor.LeakageMonitor` reads the likelihood-ratio estimator through this path by
+default (``gradient_path="auto"``): :func:`parameter_grams` → :func:`clipped_gram` → :func:`centre_gram` →
+``estimate_from_gram``; a ValueError raised here (a model this path cannot handle) sends it back to
+materialised per-sample gradients.
 """
 
 from __future__ import annotations
@@ -45,10 +50,13 @@ from torch import Tensor, nn
 
 from adaptive_dp.leakage.gradients import clip_factors
 
-__all__ = ["LAYER_MODES", "centre_gram", "clipped_gram", "gram_matrix", "parameter_grams"]
+__all__ = ["LAYER_MODES", "centre_gram", "clipped_gram", "gram_matrix", "parameter_grams", "row_gram"]
 
 #: How a linear or convolutional layer's contribution is computed: ``"auto"``, ``"ghost"``, ``"per-layer"``.
 LAYER_MODES = ("auto", "ghost", "per-layer")
+
+#: Columns per block of :func:`row_gram`: float32 products over this many columns, summed in float64.
+GRAM_BLOCK_COLUMNS = 4096
 
 #: Elements of one [rows, N, T, T] block of the ghost identity (bounds its memory: 2 such blocks at a time).
 GHOST_BLOCK_ELEMENTS = 1 << 22
@@ -109,9 +117,23 @@ def _ghost_gram(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.cat(blocks)
 
 
+def row_gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """rows rowsᵀ [N, N] in ``dtype`` for rows [N, K]: products in the rows' dtype, block sums in ``dtype``.
+
+    One float32 matmul over K ~ 10⁶ columns rounds each entry to ~1e-6·‖r_i‖‖r_j‖; products over blocks of
+    :data:`GRAM_BLOCK_COLUMNS` columns summed in float64 keep it at ~1e-8, at the float32 matmul's cost (+~10 %)
+    and without a float64 copy of the rows.
+    """
+    if rows.dtype == dtype or rows.shape[1] <= GRAM_BLOCK_COLUMNS:
+        return (rows @ rows.T).to(dtype)
+    out = torch.zeros(rows.shape[0], rows.shape[0], dtype=dtype, device=rows.device)
+    for block in rows.split(GRAM_BLOCK_COLUMNS, dim=1):
+        out += (block @ block.T).to(dtype)
+    return out
+
+
 def _flat_gram(g: Tensor, dtype: torch.dtype) -> Tensor:
-    flat = g.reshape(g.shape[0], -1)
-    return (flat @ flat.T).to(dtype)
+    return row_gram(g.reshape(g.shape[0], -1), dtype)
 
 
 class _GramRecorder:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from adaptive_dp.leakage.bounds import MIEstimate, mean_off_diagonal
 from adaptive_dp.leakage.estimators import LeakageEstimator, register_estimator
+from adaptive_dp.leakage.gram import row_gram
 
 __all__ = [
     "LR_NOISE_TERMS",
@@ -183,7 +184,9 @@ def gaussian_capacity_bound(clean: Tensor, *, noise_std: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def centred_gram(grads: Sequence[Tensor], *, inplace: bool = False) -> Tensor:
+def centred_gram(
+    grads: Sequence[Tensor], *, inplace: bool = False, dtype: torch.dtype | None = None
+) -> Tensor:
     """[N, N] Gram matrix of the centred per-sample gradients, summed over layers: K = (G − ḡ)(G − ḡ)ᵀ.
 
     G is the [N, P] matrix of the flattened per-layer gradients (never built: K = Σ_l of one [N, P_l] ×
@@ -194,16 +197,21 @@ def centred_gram(grads: Sequence[Tensor], *, inplace: bool = False) -> Tensor:
     Args:
         grads: per-layer [N, *shape] per-sample gradients (float32 or float64).
         inplace: centre ``grads`` themselves (they must own their memory) instead of copies.
+        dtype: dtype of the result and of the sums over blocks of columns
+            (:func:`~adaptive_dp.leakage.gram.row_gram`); default the dtype of ``grads``. float64 takes the
+            sums over P out of float32's rounding (≈1e-6 relative for P ~ 10⁶, ≈1e-8 in blocks), at the
+            float32 matmul's cost.
 
     Returns:
-        [N, N] symmetric positive semi-definite matrix, dtype of ``grads``.
+        [N, N] symmetric positive semi-definite matrix, ``dtype`` (default: that of ``grads``).
     """
     n = grads[0].shape[0]
     gram = None
     for g in grads:
         flat = g.reshape(n, -1)
         flat = flat.sub_(flat.mean(dim=0)) if inplace else flat - flat.mean(dim=0)
-        gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+        part = row_gram(flat, dtype or flat.dtype)
+        gram = part if gram is None else gram.add_(part)
     return gram
 
 
@@ -290,6 +298,7 @@ class LikelihoodRatioEstimator(LeakageEstimator):
     """
 
     requires_noise = True
+    reads_gram = True
     last_curve: LikelihoodRatioCurve | None = None
 
     def __init__(self, *, noise_draws: int | None = None) -> None:
@@ -310,9 +319,11 @@ class LikelihoodRatioEstimator(LeakageEstimator):
     ) -> MIEstimate:
         """MI (nats) from the clipped audit gradients (one [N, *p.shape] per parameter; centred in place).
 
-        :meth:`estimate_from_gram` of their :func:`centred_gram`; ``features`` are not used.
+        :meth:`estimate_from_gram` of their :func:`centred_gram`, computed in float64 (float32 on MPS) like
+        the monitor's Gram path (:mod:`adaptive_dp.leakage.gram`); ``features`` are not used.
         """
-        gram = centred_gram(clean, inplace=True)  # the critic needs only this [N, N] matrix
+        work = _work_dtype(clean[0].device)
+        gram = centred_gram(clean, inplace=True, dtype=work)  # the critic needs only this [N, N] matrix
         return self.estimate_from_gram(
             gram, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, generator=generator
         )

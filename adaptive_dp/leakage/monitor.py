@@ -12,6 +12,15 @@ audit example it was and that noisy gradient. The estimators are registered by n
 - ``"token-mine"`` — the learned privacy-token estimator (Meng et al. 2025, arXiv 2502.02913) made
   model-aware (:class:`~adaptive_dp.leakage.token_mine.TokenMINEEstimator`).
 
+How the gradients are reached (``gradient_path``, :data:`GRADIENT_PATHS`): the likelihood-ratio critic needs
+only the N×N Gram matrix of the clipped audit gradients, so by default it is built layer by layer from one
+batched forward and backward pass (:mod:`adaptive_dp.leakage.gram`: per-layer Gram matrices from activations and
+output gradients, then clipped and centred), at memory of one layer's activations and per-sample gradients at
+a time instead of the [N, P] per-sample gradient matrix (``benchmarks/results/finetune_speed.md`` measures both);
+a model the Gram path refuses (a ValueError: tied parameters, a layer that is not batch-first, ...) falls back
+to materialised per-sample gradients with a logged warning, and token-mine always uses those. Either way the
+reading is the same to float rounding, and ghost clipping is read like any other grad-sample mode.
+
 Side effects (none on training): per-sample gradients are computed with ``torch.func`` on a hook-free copy
 of the wrapped module fed the live parameters (:mod:`adaptive_dp.leakage.gradients`: a ``GradSampleModule``
 keeps its hooks on the wrapped module, so going through it again would fire them), so nothing is written to
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -49,13 +59,22 @@ from adaptive_dp.leakage.gradients import (
     scale_per_sample,
     total_clipping_norm,
 )
+from adaptive_dp.leakage.gram import centre_gram, clipped_gram, parameter_grams
 from adaptive_dp.leakage.tokens import TOKEN_ENCODERS, TokenEncoder
 
-__all__ = ["ESTIMATORS", "LeakageMonitor", "LeakageReading", "MonitorError"]
+__all__ = ["ESTIMATORS", "GRADIENT_PATHS", "LeakageMonitor", "LeakageReading", "MonitorError"]
+
+logger = logging.getLogger(__name__)
+
+#: How a reading gets at the audit gradients (the monitor's ``gradient_path``): ``"auto"`` — the layer-wise
+#: Gram matrix for an estimator that reads only that (likelihood-ratio), falling back to materialised
+#: per-sample gradients when the Gram path refuses the model; ``"gram"`` — the Gram path, no fallback (its
+#: failure is a :class:`MonitorError`); ``"materialised"`` — the [N, *p.shape] per-sample gradients.
+GRADIENT_PATHS = ("auto", "gram", "materialised")
 
 
 class MonitorError(RuntimeError):
-    """A leakage reading could not be taken (ghost clipping, non-finite gradients, ...).
+    """A leakage reading could not be taken (non-finite gradients, audit data that do not fit the model, ...).
 
     The engine treats it as a failed reading (fail closed: σ_max).
     """
@@ -120,13 +139,11 @@ class LeakageReading:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a GradSampleModule; refuses ghost clipping."""
-    kind = type(model).__name__
-    if "FastGradientClipping" in kind:
-        raise MonitorError(
-            f"{kind} (ghost clipping) never materialises per-sample gradients, so leakage cannot be measured; "
-            "call make_private(..., grad_sample_mode='hooks') (the default) to use the leakage monitor"
-        )
+    """The plain module inside a GradSampleModule (any mode, ghost clipping included), else ``model``.
+
+    The monitor never goes through opacus' hooks: it differentiates a hook-free copy of this module fed the
+    live parameters, so the training model's grad-sample mode does not matter.
+    """
     inner = getattr(model, "_module", None)
     if isinstance(inner, nn.Module) and hasattr(model, "hooks_enabled"):
         return inner
@@ -153,9 +170,8 @@ class LeakageMonitor:
     """Measures gradient leakage on an audit split, without touching the training step.
 
     Args:
-        model: the ``GradSampleModule`` returned by ``PrivacyEngine.make_private`` (or a plain module).
-            Ghost clipping (``GradSampleModuleFastGradientClipping``) is refused: it has no per-sample
-            gradients.
+        model: the ``GradSampleModule`` returned by ``PrivacyEngine.make_private`` (any grad-sample mode,
+            ghost clipping included), or a plain module.
         audit_data: public or held-out examples (never trained on): a map-style Dataset of (x, y), a
             DataLoader over one, or tensors ``(x [N, ...], y [N])`` (checked by
             :func:`adaptive_dp.leakage.audit.as_audit_dataset`); the first ``max_audit`` are used.
@@ -166,8 +182,16 @@ class LeakageMonitor:
         max_audit: cap on N (default 256).
         clipping: ``"flat"`` (default) or ``"per_layer"``, as given to ``make_private``.
         loss_fn: per-example loss ``loss_fn(logits [1, K], target [1]) -> scalar``; default cross-entropy.
-        batch_size: audit examples per vmap call.
+        batch_size: audit examples per vmap call of the materialised path (the Gram path takes all N in one
+            batched pass).
         feature_layers, pooled_size: passed to :class:`FeatureExtractor` (estimators that use data features).
+        gradient_path: :data:`GRADIENT_PATHS` — ``"auto"`` (default): an estimator that reads only the [N, N]
+            Gram matrix (``reads_gram``: likelihood-ratio) gets it layer by layer from one batched pass
+            (:func:`~adaptive_dp.leakage.gram.parameter_grams`, never the N×P per-sample gradients), and a
+            model the Gram path refuses (ValueError: tied parameters, non-batch-first layers, ...) falls back to
+            materialised per-sample gradients, logged once and kept for later readings; ``"gram"``: the Gram
+            path or a :class:`MonitorError`; ``"materialised"``: per-sample gradients (what token-mine always
+            uses). Both paths give the same reading up to float rounding (≤ 1e-6 relative, tested).
         **estimator_options: the estimator's own options (its keyword-only constructor arguments):
             token-mine's ``token_dim``, ``train_draws``, ``replay_size``, ``encoder_steps``, ``critic_steps``,
             ``lr``, ``sigma_tolerance``, ``objective``, ``ema_decay``; likelihood-ratio's ``noise_draws``.
@@ -175,9 +199,12 @@ class LeakageMonitor:
     Per-sample gradients (and features) are computed in eval mode on the hook-free copy, so dropout is off
     and no random number is drawn from the global generators.
 
+    Attributes:
+        last_path: ``"gram"`` or ``"materialised"``, how the last reading got its gradients (None before one).
+
     Raises:
-        MonitorError: ghost clipping.
-        ValueError: empty audit data, < 2 examples, unknown estimator/encoder/option, non-positive C.
+        ValueError: empty audit data, < 2 examples, unknown estimator/encoder/option/gradient path,
+            non-positive C.
     """
 
     def __init__(
@@ -195,9 +222,14 @@ class LeakageMonitor:
         batch_size: int = 64,
         feature_layers: Sequence[str] | None = None,
         pooled_size: int = 2,
+        gradient_path: str = "auto",
         **estimator_options: Any,
     ) -> None:
         estimator_cls = check_estimator(estimator, estimator_options)
+        if gradient_path not in GRADIENT_PATHS:
+            raise ValueError(f"gradient_path must be one of {GRADIENT_PATHS}, got {gradient_path!r}")
+        if gradient_path == "gram" and not (estimator_cls.reads_gram and not estimator_cls.needs_features):
+            raise ValueError(f"the {estimator} estimator needs per-sample gradients, not their Gram matrix")
         if isinstance(token_encoder, str) and token_encoder not in TOKEN_ENCODERS:
             raise ValueError(
                 f"unknown token encoder {token_encoder!r}; choose one of {sorted(TOKEN_ENCODERS)}"
@@ -241,6 +273,9 @@ class LeakageMonitor:
             seed=self.seed,
         )
         self._estimator = build_estimator(estimator, context, **estimator_options)
+        self.gradient_path = gradient_path
+        self._gram_refusal: str | None = None  # why the Gram path refused this model (then: materialised)
+        self.last_path: str | None = None
         self.readings = 0
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -286,6 +321,65 @@ class LeakageMonitor:
         factors = clip_factors(norms, c, per_layer=self.per_layer)
         return scale_per_sample(grads, factors, inplace=True), losses
 
+    def _clipped_centred_gram(self, max_grad_norm: float | Sequence[float]) -> tuple[Tensor, Tensor]:
+        """(H G̃ H [N, N] float64, per-example losses [N]) through the Gram path, no N×P gradients.
+
+        Raises:
+            ValueError, RuntimeError, ...: whatever :func:`~adaptive_dp.leakage.gram.parameter_grams` raises
+                (the caller falls back or fails).
+            MonitorError: a per-sample gradient is NaN or inf (its squared norm, a diagonal entry, is not finite).
+        """
+        params, rest = self._live_state()
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        grams, losses = parameter_grams(
+            self._shadow, self.x, self.y, loss_fn=self.loss_fn, params=params, buffers=rest, dtype=dtype
+        )
+        finite = torch.isfinite(torch.stack([grams[name].diagonal() for name in self._names], dim=1))
+        if not bool(finite.all()):
+            name = self._names[int((~finite).any(dim=0).nonzero()[0, 0])]
+            raise MonitorError(
+                f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
+                "the model has diverged (lower the learning rate) or the audit inputs hold NaN"
+            )
+        c = max_grad_norm if self.per_layer else total_clipping_norm(max_grad_norm)
+        return centre_gram(clipped_gram(grams, c, per_layer=self.per_layer)), losses
+
+    def _gram_or_none(self, max_grad_norm: float | Sequence[float]) -> tuple[Tensor, Tensor] | None:
+        """The Gram path's (centred Gram, losses), or None where the materialised path must be taken.
+
+        None for ``gradient_path="materialised"``, an estimator that needs the gradients themselves, or a model
+        the Gram path refused before; a refusal now (ValueError: kept for later readings; any other error of
+        the pass: this reading only) is logged and gives None, or a :class:`MonitorError` for ``"gram"``.
+        """
+        estimator = type(self._estimator)
+        if (
+            self.gradient_path == "materialised"
+            or not estimator.reads_gram
+            or estimator.needs_features
+            or self._gram_refusal is not None
+        ):
+            return None
+        try:
+            return self._clipped_centred_gram(max_grad_norm)
+        except MonitorError:
+            raise
+        except (ValueError, RuntimeError, IndexError, TypeError, NotImplementedError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if self.gradient_path == "gram":
+                raise MonitorError(
+                    f"the Gram path failed on audit inputs of shape {tuple(self.x.shape)} and targets "
+                    f"{tuple(self.y.shape)}: {reason}"
+                ) from exc
+            if isinstance(exc, ValueError):
+                self._gram_refusal = reason
+            logger.warning(
+                "leakage monitor: the layer-wise Gram path failed (%s); this %s materialised per-sample "
+                "gradients",
+                reason,
+                "and every later reading use" if isinstance(exc, ValueError) else "reading uses",
+            )
+            return None
+
     def clean_gradients(self, *, max_grad_norm: float | Sequence[float] | None = None) -> list[Tensor]:
         """The audit examples' clipped per-sample gradients at the current parameters.
 
@@ -303,8 +397,12 @@ class LeakageMonitor:
     ) -> LeakageReading:
         """Take one reading at noise multiplier σ (and clipping norm C, default the constructor's).
 
-        Cost: one forward and backward pass per audit example (vmapped, in chunks of ``batch_size``), which
-        also gives ``audit_loss``; plus one forward pass for the data features of an estimator that uses them.
+        Cost: on the Gram path (likelihood-ratio, ``gradient_path`` "auto"/"gram"), one batched forward and
+        backward pass over the N audit examples that builds the N×N Gram matrix layer by layer (memory: one
+        layer's activations and output gradients at a time, never N×P); on the materialised path, one forward
+        and backward pass per audit example (vmapped, in chunks of ``batch_size``) and the [N, P] clipped
+        gradients. Either pass also gives ``audit_loss``; plus one forward pass for the data features of an
+        estimator that uses them.
 
         Args:
             noise_multiplier: σ of the step being simulated; the noise std is σ·C (C the total clipping
@@ -316,17 +414,27 @@ class LeakageMonitor:
 
         Raises:
             ValueError: σ negative or non-finite (or 0 for an estimator that needs noise), bad C.
-            MonitorError: non-finite gradients, or an estimator failure on valid input.
+            MonitorError: non-finite gradients, audit data that do not fit the model, a failure of the forced
+                Gram path, or an estimator failure on valid input.
         """
         start = time.perf_counter()
         sigma = _check_sigma(noise_multiplier, self.estimator_name)
         c_spec = self.max_grad_norm if max_grad_norm is None else max_grad_norm
         c = total_clipping_norm(c_spec)
-        clean, losses = self._clipped_gradients(c_spec)
-        features = self._features_now() if self._extractor is not None else None
-        est = self._estimator.estimate(
-            clean, noise_multiplier=sigma, max_grad_norm=c, generator=self._generator, features=features
-        )
+        from_gram = self._gram_or_none(c_spec)
+        if from_gram is not None:
+            kernel, losses = from_gram
+            self.last_path = "gram"
+            est = self._estimator.estimate_from_gram(
+                kernel, noise_multiplier=sigma, max_grad_norm=c, generator=self._generator
+            )
+        else:
+            clean, losses = self._clipped_gradients(c_spec)
+            self.last_path = "materialised"
+            features = self._features_now() if self._extractor is not None else None
+            est = self._estimator.estimate(
+                clean, noise_multiplier=sigma, max_grad_norm=c, generator=self._generator, features=features
+            )
         if not math.isfinite(est.mi):
             raise MonitorError(f"the {self.estimator_name} estimator returned a non-finite MI ({est.mi})")
         self.readings += 1

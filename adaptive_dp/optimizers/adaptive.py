@@ -84,6 +84,9 @@ class AdaptiveNoiseMixin:
     """
 
     control_loop: Any = None
+    #: q the step's batch was drawn at, when it is not the fixed 1 / len(data_loader) (``spend_budget=
+    #: "sample-rate"`` sets it with the sampler's ``sample_rate``); the accountant's step hook books it.
+    step_sample_rate: float | None = None
     _decision: Any = None  # the loop's record for the step in progress
     _booked: bool = False  # whether the step in progress was booked (a reading may follow the update)
     _pre_noise_hooks: tuple = ()

@@ -255,6 +255,10 @@ def load_trained_model(path: str | os.PathLike, *, map_location="cpu") -> tuple[
         num_classes=info["num_classes"],
         image_size=info["image_size"],
     )
+    if config.get("init"):  # a fine-tuning run: its state dict holds the LoRA adapters too
+        from adaptive_dp.training.finetune import with_adapters
+
+        model = with_adapters(model, config)
     model.load_state_dict(state["model_state_dict"])
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

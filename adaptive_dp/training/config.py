@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from controllers import FEEDBACK, SCHEDULES
@@ -31,6 +32,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 #: opacus' per-sample-gradient modes ``--grad-sample-mode`` accepts; "auto" is the fastest correct one for the
 #: model (:func:`adaptive_dp.training.setup.resolve_grad_sample_mode`).
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
+#: ways ``--spend-budget`` spends what a binding leakage ceiling leaves of the budget (``adaptive_dp.control.spend``).
+SPEND_MODES = ("steps", "sample-rate")
 #: canary modes ``--canary-mode`` accepts: "gradient" (white box, needs SGD) or "input" (black box).
 CANARY_MODES = ("gradient", "input")
 #: gradient-canary directions ``--canary-kind`` accepts.
@@ -52,6 +55,8 @@ DP_ONLY_OPTIONS = (
     "canaries",
     "canary_mode",
     "canary_kind",
+    "spend_budget",
+    "spend_limit",
 )
 
 
@@ -63,7 +68,8 @@ class TrainConfig:
     Attributes:
         dataset: registered data set name ("digits", "mnist", "fashion-mnist", "cifar10").
         data_dir: data root (None: ``$ADAPTIVE_DP_DATA``, see :func:`adaptive_dp.data.get_data_root`).
-        model: registered model name ("small-cnn", "tanh-cnn", "resnet20", "lenet").
+        model: registered model name ("small-cnn", "tanh-cnn", "resnet20", "lenet", "vit-tiny", "vit-small";
+            the ViTs need the ``hf`` extra).
         epochs: training epochs (one epoch = 1 / sample rate optimizer steps); ≥ 1.
         batch_size: expected (Poisson) batch size; sample rate q = batch_size / len(train set).
         lr: learning rate.
@@ -119,6 +125,19 @@ class TrainConfig:
         canary_kind: gradient canaries' directions: "dirac" (one coordinate each) or "random".
         force: accept an audit split that leaves fewer training examples than a batch, or fewer than half of
             the data set (refused by default: almost nothing would be trained on).
+        spend_budget: with ``target_epsilon``, spend what a binding MI ceiling leaves of the budget (off by
+            default: it costs compute; :mod:`adaptive_dp.control.spend`): "steps" trains past ``epochs`` while
+            the budget pays (up to ``spend_limit`` × ``epochs``), "sample-rate" raises the Poisson rate (expected
+            batch size) of the remaining planned steps, up to ``spend_limit`` × ``batch_size``.
+        spend_limit: the cap on ``spend_budget``'s compute, a multiple of the plan > 1 (None: 4).
+        init: path of a pretrain checkpoint (``adaptive-dp pretrain --out DIR`` writes ``DIR/checkpoint.pt``;
+            the folder works too) to fine-tune privately; ``model`` and ``dataset`` must be its own. The public
+            examples it records are removed from the training set before the audit split is carved (see
+            :mod:`adaptive_dp.training.finetune` and ``docs/finetuning.md``). None: train from scratch.
+        lora_rank: only with ``init``: r ≥ 1 trains LoRA adapters of rank r on ``lora_targets`` plus the
+            classification head, the rest frozen; 0 or None trains every parameter (full fine-tuning).
+        lora_targets: comma-separated names of the layers LoRA adapts (default the attention query and value
+            projections); only with ``lora_rank`` ≥ 1.
     """
 
     dataset: str = "digits"
@@ -157,6 +176,11 @@ class TrainConfig:
     canary_mode: str = "gradient"
     canary_kind: str = "dirac"
     force: bool = False
+    spend_budget: str | None = None
+    spend_limit: float | None = None
+    init: str | None = None
+    lora_rank: int | None = None
+    lora_targets: str = "q_proj,v_proj"
 
     def validate(self) -> None:
         """Check every option.
@@ -195,6 +219,8 @@ class TrainConfig:
         self._validate_adaptive()
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         self._validate_canaries()
+        self._validate_spend()
+        self._validate_finetune()
         _one_of("device", self.device, DEVICES)
         if self.wandb_mode is not None:
             _one_of("wandb_mode", self.wandb_mode, WANDB_MODES)
@@ -270,6 +296,58 @@ class TrainConfig:
                 f"gradient canaries score SGD's updates, not {self.optimizer}'s: use --optimizer sgd, or "
                 "--canary-mode input"
             )
+
+    def _validate_finetune(self) -> None:
+        """Check ``init``, ``lora_rank`` and ``lora_targets`` (see :meth:`validate`; torch-free: that the file is a
+        pretrain checkpoint of this model and data set is checked when the run loads it)."""
+        if self.lora_rank is not None:
+            _non_negative_int("lora_rank", self.lora_rank)
+            if self.init is None:
+                raise ValueError(
+                    "--lora-rank adapts a pretrained model: add --init DIR/checkpoint.pt (written by `adaptive-dp "
+                    "pretrain --out DIR`), or drop --lora-rank"
+                )
+        if not isinstance(self.lora_targets, str) or not all(t.strip() for t in self.lora_targets.split(",")):
+            raise ValueError(
+                f"lora_targets must be comma-separated module names, e.g. 'q_proj,v_proj', got {self.lora_targets!r}"
+            )
+        if self.lora_targets != "q_proj,v_proj" and not self.lora_rank:
+            raise ValueError(
+                "--lora-targets names the layers LoRA adapts: add --lora-rank R (R >= 1), or drop it"
+            )
+        if self.init is not None:
+            path = Path(self.init)
+            if not (path / "checkpoint.pt" if path.is_dir() else path).is_file():
+                raise ValueError(
+                    f"--init {self.init}: no such file; pass the checkpoint.pt that `adaptive-dp pretrain --out DIR` "
+                    "wrote (DIR/checkpoint.pt)"
+                )
+
+    def _validate_spend(self) -> None:
+        """Check ``spend_budget`` / ``spend_limit`` (see :meth:`validate`)."""
+        if self.spend_budget is not None:
+            _one_of("spend_budget", self.spend_budget, SPEND_MODES)
+            if self.target_epsilon is None and not self.non_private:
+                raise ValueError(
+                    f"--spend-budget {self.spend_budget} spends what is left of an ε budget: give "
+                    "--target-epsilon, or drop --spend-budget"
+                )
+            if self.spend_budget == "sample-rate" and self.num_workers:
+                raise ValueError(
+                    "--spend-budget sample-rate sets q of each batch when the step before ends, and DataLoader "
+                    "workers draw batches ahead: use --num-workers 0"
+                )
+        if self.spend_limit is not None:
+            if self.spend_budget is None and not self.non_private:
+                raise ValueError(
+                    "--spend-limit caps --spend-budget's compute: give --spend-budget, or drop it"
+                )
+            if (
+                isinstance(self.spend_limit, bool)
+                or not isinstance(self.spend_limit, (int, float))
+                or not (1 < self.spend_limit < math.inf)
+            ):
+                raise ValueError(f"spend_limit must be a number > 1, got {self.spend_limit!r}")
 
     def _validate_non_private(self) -> None:
         """``non_private`` with DP-only options changed from their defaults is refused (see :meth:`validate`)."""

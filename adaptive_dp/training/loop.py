@@ -63,6 +63,7 @@ from adaptive_dp.training.setup import (
     resolve_grad_sample_mode,
     seed_everything,
 )
+from adaptive_dp.training.spend import run_epochs, step_privacy_fields
 from adaptive_dp.training.state import TrainingRun
 from adaptive_dp.training.summary import build_summary, output_paths, privacy_figures
 
@@ -286,7 +287,7 @@ def _run_epochs(run: TrainingRun, *, progress: bool, signals: Any, resume_rng_st
         set_rng_states(resume_rng_states)
     elif run.is_main:  # a run stopped in its first epoch can be resumed too
         save_run_checkpoint(run, resume_fields(run))
-    for epoch in range(len(run.progress.epochs) + 1, config.epochs + 1):
+    for epoch in range(len(run.progress.epochs) + 1, run_epochs(config) + 1):  # --spend-budget steps: more
         if getattr(signals, "received", None):
             break
         _run_epoch(run, epoch, show=progress, signals=signals)
@@ -304,20 +305,14 @@ def _set_up(config: TrainConfig, data: RunData, *, out: Path, device, context, t
     import torch
 
     from adaptive_dp import distributed as ddp
-    from adaptive_dp.models.cnn import build_model
+    from adaptive_dp.training.finetune import build_run_model
 
     seed_everything(config.seed)
     info = data.info
-    model = build_model(
-        config.model,
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        image_size=info.image_size,
-        seed=config.seed,
-    ).to(device)
+    model = build_run_model(config, info).to(device)  # with --init: the pretrained weights (+ LoRA adapters)
     if context is not None:
         model = ddp.wrap_model(model)  # DPDDP: rank 0's initial parameters on every rank
-    optimizer = make_optimizer(config, model.parameters())
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     train_loader, test_loader, generator = make_loaders(
         config, train_set=data.train_set, test_set=data.test_set
     )
@@ -401,7 +396,7 @@ def _run_epoch(run: TrainingRun, epoch: int, *, show: bool, signals: Any = None)
     bar = EpochProgress(
         run.train_loader,
         epoch=epoch,
-        epochs=run.config.epochs,
+        epochs=run_epochs(run.config),
         show=show,
         loss_in_lines=_publishes_batch_stats(run),
     )
@@ -449,7 +444,7 @@ def _take_step(run: TrainingRun, epoch: int, x, y) -> float | None:
         epoch=epoch,
         noise_multiplier=run.optimizer.noise_multiplier if run.engine is not None else 0.0,
         epsilon=step_epsilon(run.engine, run.config.delta),
-        sample_rate=run.sample_rate,
+        **step_privacy_fields(run),  # the step's q and the guarantee ε so far
         lr=run.optimizer.param_groups[0]["lr"],
         **adaptive_fields(run.engine),
         loss=batch_loss if publish else None,
@@ -483,7 +478,7 @@ def _end_epoch(
     )
     progress.epochs.append(record)
     run.tracker.log_epoch(record)
-    if progress.stop_reason is None and epoch < config.epochs and run.is_main:
+    if progress.stop_reason is None and epoch < run_epochs(config) and run.is_main:
         save_run_checkpoint(run, resume_fields(run))
     if show:
         epsilon = (

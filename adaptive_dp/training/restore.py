@@ -150,7 +150,7 @@ def _lost_records(run: TrainingRun, *, kept_step: int) -> list[dict[str, Any]]:
             {
                 "step": last + 1,
                 "noise_multiplier": float(match.group(1)) if match else None,
-                "sample_rate": run.sample_rate,
+                "sample_rate": _highest_rate(run),
                 "torn_record": True,
                 "run_id": run.run_id,
             }
@@ -199,10 +199,17 @@ def _book(run: TrainingRun, records: list[dict[str, Any]]) -> list[dict[str, Any
             sigma = float(record["noise_multiplier"])
             sample_rate = float(record.get("sample_rate") or run.sample_rate)
             engine.accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
-            if engine.budget_filter is not None:
-                engine.budget_filter.charge(sigma)
+            if engine.budget_filter is not None:  # at the step's own q (--spend-budget sample-rate)
+                engine.budget_filter.charge(sigma, sample_rate=sample_rate)
         booked.append(record)
     return booked
+
+
+def _highest_rate(run: TrainingRun) -> float:
+    """The highest q the run's next step could have used: ``--spend-budget sample-rate``'s cap, else the fixed q
+    (charging it with the lowest σ charges the most a torn step could have cost)."""
+    spender = getattr(getattr(run.engine, "control_loop", None), "spender", None)
+    return spender.max_rate if spender is not None and spender.mode == "sample-rate" else run.sample_rate
 
 
 def _lowest_sigma(run: TrainingRun) -> float:

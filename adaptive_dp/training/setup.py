@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from adaptive_dp.training.config import DEVICES, GRAD_SAMPLE_MODES, TrainConfig
 from adaptive_dp.training.plan import check_audit_split
+from adaptive_dp.training.spend import spend_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,7 +106,9 @@ class RunData:
 def load_data(config: TrainConfig) -> RunData:
     """The data of ``config.dataset``, with the audit split carved off first (``audit_fraction`` of the training
     set, seeded by ``seed``; also for a non-private run, so that it trains on the same examples as the DP run
-    it is the reference for) and checked (:func:`adaptive_dp.training.plan.check_audit_split`).
+    it is the reference for) and checked (:func:`adaptive_dp.training.plan.check_audit_split`). With ``init`` the
+    public examples of the pretrain checkpoint are removed first and the audit split is carved from the rest
+    (:func:`adaptive_dp.training.finetune.private_splits`).
 
     Raises:
         FileNotFoundError: (``adaptive_dp.data.DataNotFoundError``) the data set is not under the data root.
@@ -116,10 +119,14 @@ def load_data(config: TrainConfig) -> RunData:
 
     full_train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
     test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
-    train_set, audit_set = full_train_set, None
-    if config.audit_fraction:
+    train_set, audit_set, pool_size = full_train_set, None, len(full_train_set)
+    if config.init:  # fine-tuning: the public examples of the pretrained init leave the private pool first
+        from adaptive_dp.training.finetune import private_splits
+
+        train_set, audit_set, pool_size = private_splits(config, full_train_set)
+    elif config.audit_fraction:
         train_set, audit_set = audit_split(full_train_set, fraction=config.audit_fraction, seed=config.seed)
-    check_audit_split(config, train_size=len(train_set), full_size=len(full_train_set))
+    check_audit_split(config, train_size=len(train_set), full_size=pool_size)
     return RunData(train_set, audit_set, test_set, full_train_set.info, len(full_train_set))
 
 
@@ -234,6 +241,7 @@ def make_private(
         canaries=config.canaries,
         canary_mode=config.canary_mode,
         canary_kind=config.canary_kind,
+        **spend_options(config),  # --spend-budget: more steps or larger batches (adaptive_dp.control.spend)
     )
     if config.target_epsilon is not None:
         out = engine.make_private_with_epsilon(

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from adaptive_dp.training.config import FEEDBACK_CONTROLLERS, TrainConfig
+from adaptive_dp.training.spend import spend_summary
 from adaptive_dp.training.state import TrainingRun
 
 
@@ -147,6 +148,7 @@ def build_summary(
         "discarded_steps": len(progress.discarded),
         "resumed_at_step": progress.resumed_at_step,
         "epochs": config.epochs,
+        **spend_summary(run),  # spend_budget and the compute the plan and it cost
         "stopped_early": progress.stop_reason is not None,
         "stop_reason": progress.stop_reason,
         "interrupted": progress.interrupted,

@@ -38,6 +38,7 @@ WARNING_TEXT_CHARS = 200
 #: ``/`` are logged as they are.
 WANDB_KEYS: dict[str, str] = {
     "epsilon": "privacy/epsilon",
+    "guarantee_epsilon": "privacy/guarantee_epsilon",
     "noise_multiplier": "privacy/noise_multiplier",
     "sigma_floor": "privacy/sigma_floor",
     "sample_rate": "privacy/sample_rate",
