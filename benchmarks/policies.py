@@ -663,8 +663,8 @@ def budget_table(
                     guarantee="plan",
                 )
                 row.epsilon_budget = eps
-            elif policy in SPEND:
-                controller, mode = SPEND[policy]
+            else:  # a feedback controller, alone or spending the budget (SPEND: policy → (controller, mode))
+                controller, mode = SPEND.get(policy, (policy, None))
                 row = run_engine(
                     data,
                     table="budget",
@@ -673,18 +673,7 @@ def budget_table(
                     target_epsilon=eps,
                     controller=controller,
                     target_mi=config.ceiling,
-                    adaptive={"spend_budget": mode},
-                    canaries=canaries if policy in canary_policies else 0,
-                )
-            else:
-                row = run_engine(
-                    data,
-                    table="budget",
-                    policy=policy,
-                    config=config,
-                    target_epsilon=eps,
-                    controller=policy,
-                    target_mi=config.ceiling,
+                    adaptive={"spend_budget": mode} if mode else None,
                     canaries=canaries if policy in canary_policies else 0,
                 )
             rows.append(row)

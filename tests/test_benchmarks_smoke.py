@@ -54,21 +54,8 @@ def test_spearman_ties_and_constant_sides():
 
 
 def test_leakage_validity_core_on_digits():
-    config = replace(
-        leakage_validity.QUICK,
-        sigmas=(1e-3, 0.3, 3.0),
-        stage_epochs=(0, 1),
-        n_audit=12,
-        n_attack=2,
-        n_train=128,
-        lr_draws=1,
-        id_trials=2,
-        token_encoders=("projection",),
-        token_reads=1,
-        dlg_iterations=3,
-        ig_iterations=3,
-        i2f_probes=2,
-    )
+    # the --smoke grid, with two attacked images and the quick mode's learning rate
+    config = replace(leakage_validity.SMOKE, n_attack=2, lr=leakage_validity.QUICK.lr)
     out = leakage_validity.run_dataset("digits", config=config, progress=False)
     assert {st["model"] for st in out["stages"]} == {"small-cnn", "lenet"}
     assert len(out["points"]) == 2 * 2 * 3

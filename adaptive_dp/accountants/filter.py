@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
@@ -293,36 +293,12 @@ class RenyiFilter:
 
     def _first_paying_index(self, n: int, g_lo: int, g_hi: int, rate: float) -> int | None:
         """Smallest grid index in [g_lo, g_hi] whose σ pays at every order (ρ is decreasing in σ); None if none."""
-
-        def pays(g: int) -> bool:
-            return bool(self._pays(self._row(g, rate), n).all())
-
-        h = min(max(self._hints.get(rate, 0), g_lo), g_hi)
-        if pays(h):  # gallop down to a failing index
-            step, hi = 1, h
-            lo = h - 1
-            while lo > g_lo and pays(lo):
-                hi, step = lo, step * 2
-                lo = max(hi - step, g_lo)
-            if lo <= g_lo and pays(g_lo):
-                self._hints[rate] = g_lo
-                return g_lo
-        else:  # gallop up to a paying index
-            step, lo = 1, h
-            hi = h + 1
-            while hi < g_hi and not pays(hi):
-                lo, step = hi, step * 2
-                hi = min(lo + step, g_hi)
-            if hi >= g_hi and not pays(g_hi):
-                return None
-        while hi - lo > 1:  # invariant: lo fails, hi pays
-            mid = (lo + hi) // 2
-            if pays(mid):
-                hi = mid
-            else:
-                lo = mid
-        self._hints[rate] = hi
-        return hi
+        g = _first_true(
+            lambda g: bool(self._pays(self._row(g, rate), n).all()), g_lo, g_hi, hint=self._hints.get(rate, 0)
+        )
+        if g is not None:
+            self._hints[rate] = g
+        return g
 
     # ----------------------------------------------------------------------------------------------- charge
 
@@ -363,27 +339,11 @@ class RenyiFilter:
 
         if k_max == 0 or not pays(1):
             return self.sample_rate
-        lo = min(max(self._rate_hint, 1), k_max)  # invariant below: lo pays, hi fails (or hi = k_max + 1)
-        step = 1
-        if pays(lo):
-            hi = lo + 1
-            while hi <= k_max and pays(hi):
-                lo, step = hi, step * 2
-                hi = min(lo + step, k_max + 1)
-        else:
-            hi = lo
-            lo = max(hi - 1, 1)
-            while lo > 1 and not pays(lo):
-                hi, step = lo, step * 2
-                lo = max(hi - step, 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if pays(mid):
-                lo = mid
-            else:
-                hi = mid
-        self._rate_hint = lo
-        return self.rate_at(lo)
+        # ρ increases in q: the first grid index that does not pay, minus one (k_max when all of them pay)
+        unpaid = _first_true(lambda k: not pays(k), 1, k_max, hint=self._rate_hint + 1)
+        k = k_max if unpaid is None else unpaid - 1
+        self._rate_hint = k
+        return self.rate_at(k)
 
     def rate_at(self, k: int) -> float:
         """The k-th sample rate of :meth:`max_sample_rate`'s grid: q_base · 1.01^k (k = 0: exactly the base q)."""
@@ -493,3 +453,35 @@ class RenyiFilter:
             f"sample_rate={self.sample_rate}, planned_steps={self.planned_steps}, steps={self._steps}, "
             f"sigma_uniform={self.sigma_uniform:.6g})"
         )
+
+
+def _first_true(pred: Callable[[int], bool], lo: int, hi: int, *, hint: int) -> int | None:
+    """Smallest i in [lo, hi] with ``pred(i)`` for a predicate monotone on [lo, hi] (False … False True … True);
+    None when ``pred(hi)`` is False.
+
+    Gallops from ``hint`` (clamped to [lo, hi]) with doubling steps until the change is bracketed, then bisects:
+    O(log |answer − hint|) calls of ``pred``, so a search that starts at the previous answer is cheap.
+    """
+    h = min(max(hint, lo), hi)
+    step = 1
+    if pred(h):  # gallop down until pred fails; lo - 1 stands for "below the range" (never evaluated)
+        left, right = max(h - 1, lo - 1), h
+        while left >= lo and pred(left):
+            right, step = left, step * 2
+            left = max(right - step, lo - 1)
+    else:  # gallop up until pred holds
+        if h == hi:
+            return None
+        left, right = h, h + 1
+        while not pred(right):
+            if right == hi:
+                return None
+            left, step = right, step * 2
+            right = min(left + step, hi)
+    while right - left > 1:  # invariant: pred(left) is False (or left = lo - 1), pred(right) is True
+        mid = (left + right) // 2
+        if pred(mid):
+            right = mid
+        else:
+            left = mid
+    return right

@@ -310,16 +310,21 @@ class LeakageMonitor:
             ) from exc
         grads = [g if g.is_contiguous() else g.contiguous() for g in grads]  # own memory: clipped in place
         norms = per_sample_norms(grads)  # [N, L]: any NaN/inf entry makes its norm non-finite
-        finite = torch.isfinite(norms)
+        self._check_finite(norms)
+        c = max_grad_norm if self.per_layer else total_clipping_norm(max_grad_norm)
+        factors = clip_factors(norms, c, per_layer=self.per_layer)
+        return scale_per_sample(grads, factors, inplace=True), losses
+
+    def _check_finite(self, per_parameter: Tensor) -> None:
+        """Raise :class:`MonitorError` naming the first parameter with a non-finite entry in ``per_parameter``
+        ([N, L]: per example and parameter, a norm or squared norm of the per-sample gradient)."""
+        finite = torch.isfinite(per_parameter)
         if not bool(finite.all()):
             name = self._names[int((~finite).any(dim=0).nonzero()[0, 0])]
             raise MonitorError(
                 f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
                 "the model has diverged (lower the learning rate) or the audit inputs hold NaN"
             )
-        c = max_grad_norm if self.per_layer else total_clipping_norm(max_grad_norm)
-        factors = clip_factors(norms, c, per_layer=self.per_layer)
-        return scale_per_sample(grads, factors, inplace=True), losses
 
     def _clipped_centred_gram(self, max_grad_norm: float | Sequence[float]) -> tuple[Tensor, Tensor]:
         """(H G̃ H [N, N] float64, per-example losses [N]) through the Gram path, no N×P gradients.
@@ -334,13 +339,7 @@ class LeakageMonitor:
         grams, losses = parameter_grams(
             self._shadow, self.x, self.y, loss_fn=self.loss_fn, params=params, buffers=rest, dtype=dtype
         )
-        finite = torch.isfinite(torch.stack([grams[name].diagonal() for name in self._names], dim=1))
-        if not bool(finite.all()):
-            name = self._names[int((~finite).any(dim=0).nonzero()[0, 0])]
-            raise MonitorError(
-                f"non-finite per-sample gradient for parameter {name!r} on the audit data; "
-                "the model has diverged (lower the learning rate) or the audit inputs hold NaN"
-            )
+        self._check_finite(torch.stack([grams[name].diagonal() for name in self._names], dim=1))
         c = max_grad_norm if self.per_layer else total_clipping_norm(max_grad_norm)
         return centre_gram(clipped_gram(grams, c, per_layer=self.per_layer)), losses
 

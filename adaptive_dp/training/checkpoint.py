@@ -103,7 +103,6 @@ def save_checkpoint(
     Raises:
         OSError: the write failed (``filename`` is ``path``; e.g. ENOSPC for a full disk).
     """
-    import torch
 
     accountant = getattr(engine, "accountant", None)
     state = {
@@ -123,8 +122,20 @@ def save_checkpoint(
         "rng_states": rng_states(),
         **dict(extra or {}),
     }
+    return save_atomic(path, state)
+
+
+def save_atomic(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically: written to ``<path>.tmp``, synced, renamed over ``path``. A
+    crash or a full disk leaves the previous file as it was and no temporary file behind.
+
+    Raises:
+        OSError: the write failed (``filename`` is ``path``; e.g. ENOSPC for a full disk).
+    """
+    import torch
+
     path = Path(path)
-    tmp = path.with_suffix(".pt.tmp")
+    tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -132,9 +143,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(
-            missing_ok=True
-        )  # a full disk must not keep a partial file on it; the old checkpoint stays
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a partial file on it; the old file stays
         if isinstance(exc, OSError) and exc.filename is None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise

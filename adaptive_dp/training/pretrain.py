@@ -231,6 +231,7 @@ def _write_outputs(
 ) -> dict[str, Any]:
     """``checkpoint.pt`` (atomic), ``public_split.json`` and ``summary.json`` in ``config.out``; returns the
     summary."""
+    from adaptive_dp.training.checkpoint import save_atomic
     from adaptive_dp.training.finetune import PRETRAIN_FORMAT
 
     out = Path(config.out)
@@ -244,7 +245,7 @@ def _write_outputs(
         "options": config.to_dict(),
         "test_accuracy": epochs[-1]["test_accuracy"],
     }
-    checkpoint = _save_atomic(out / "checkpoint.pt", state)
+    checkpoint = save_atomic(out / "checkpoint.pt", state)
     split_file = out / "public_split.json"
     _write_json(split_file, record)
     summary = {
@@ -268,23 +269,6 @@ def _write_outputs(
     }
     _write_json(out / "summary.json", summary)
     return summary
-
-
-def _save_atomic(path: Path, state: dict[str, Any]) -> Path:
-    """``torch.save`` to ``path.tmp``, fsync, rename over ``path`` (a failed write leaves no partial file)."""
-    import torch
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
